@@ -1,0 +1,57 @@
+"""The data model shared by every site: dataset types (Rubin DRP v2 names) and collections.
+
+The same names exist in every site's repository, so a dataset means the same thing wherever it
+is. Images are FITS (`FitsHDUList`: IMAGE, MASK, VARIANCE HDUs with a WCS header), catalogs
+Parquet (`ArrowAstropy`), small structures YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drp_flows.tasks.camera import INSTRUMENT
+
+
+@dataclass(frozen=True)
+class DatasetTypeSpec:
+    name: str
+    dimensions: tuple[str, ...]
+    storage_class: str
+    is_calibration: bool = False
+
+    @property
+    def extension(self) -> str:
+        return {"FitsHDUList": ".fits", "ArrowAstropy": ".parq"}.get(self.storage_class, ".yaml")
+
+
+DATASET_TYPES = {d.name: d for d in [
+    DatasetTypeSpec("raw", ("instrument", "exposure", "detector"), "FitsHDUList"),
+    DatasetTypeSpec("bias", ("instrument", "detector"), "FitsHDUList", is_calibration=True),
+    DatasetTypeSpec("dark", ("instrument", "detector"), "FitsHDUList", is_calibration=True),
+    DatasetTypeSpec("flat", ("instrument", "detector", "physical_filter"), "FitsHDUList",
+                    is_calibration=True),
+    DatasetTypeSpec("the_monster_sim", ("htm7",), "ArrowAstropy"),
+    DatasetTypeSpec("skyMap", ("skymap",), "StructuredDataDict"),
+    DatasetTypeSpec("preliminary_visit_image", ("instrument", "visit", "detector"), "FitsHDUList"),
+    DatasetTypeSpec("single_visit_star_unstandardized", ("instrument", "visit", "detector"),
+                    "ArrowAstropy"),
+    DatasetTypeSpec("single_visit_star", ("instrument", "visit"), "ArrowAstropy"),
+    DatasetTypeSpec("preliminary_visit_summary", ("instrument", "visit"), "ArrowAstropy"),
+]}
+
+REFCAT = "the_monster_sim"
+RAW_RUN = f"{INSTRUMENT}/raw/all"
+CALIB_RUN = f"{INSTRUMENT}/calib/run"
+CALIB_COLLECTION = f"{INSTRUMENT}/calib"
+REFCAT_RUN = f"refcats/{REFCAT}"
+SKYMAP_RUN = "skymaps"
+DEFAULTS = f"{INSTRUMENT}/defaults"
+
+
+def campaign_collection(campaign: str) -> str:
+    return f"{INSTRUMENT}/runs/{campaign}"
+
+
+def group_run(campaign: str, step: str, group: str, attempt: int) -> str:
+    """The RUN collection of one attempt of one group: <instrument>/runs/<campaign>/<step>/<group>/<attempt>."""
+    return f"{campaign_collection(campaign)}/{step}/{group}/{attempt}"

@@ -1,0 +1,107 @@
+"""A site's LSST Butler: create or wipe the repository, register the data model, open it.
+
+Registry (what exists) and datastore (where the bytes are) stay apart as in daf_butler: the
+registry is SQLite in the repo directory by default or PostgreSQL when configured; the
+datastore root is the site's storage (POSIX or S3), so workers can write there directly and
+registration only records what they wrote.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from astropy.io import fits
+from lsst.daf.butler import Butler, CollectionType, Config, DatasetType, FormatterV2
+from lsst.resources import ResourcePath
+
+from drp_flows.datamodel import (
+    CALIB_COLLECTION,
+    DATASET_TYPES,
+    DEFAULTS,
+    RAW_RUN,
+    REFCAT_RUN,
+    SKYMAP_RUN,
+)
+from drp_flows.sites.config import SiteConfig
+
+
+class FitsFormatter(FormatterV2):
+    """Read and write `astropy.io.fits.HDUList` (raws, calibs and images) through the Butler."""
+
+    supported_extensions = frozenset({".fits"})
+    default_extension = ".fits"
+    can_read_from_local_file = True
+
+    def read_from_local_file(self, path: str, component: str | None = None,
+                             expected_size: int = -1) -> Any:
+        with fits.open(path, memmap=False) as hdul:
+            return fits.HDUList([h.copy() for h in hdul])
+
+    def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
+        in_memory_dataset.writeto(uri.ospath, overwrite=True)
+
+
+FORMATTER = f"{FitsFormatter.__module__}.{FitsFormatter.__qualname__}"
+
+REPO_CONFIG = {
+    "storageClasses": {"FitsHDUList": {"pytype": "astropy.io.fits.HDUList"}},
+    "datastore": {"formatters": {"FitsHDUList": FORMATTER}},
+}
+
+
+def _registry_config(site: SiteConfig) -> dict:
+    if not site.butler.registry:
+        return {}
+    cfg = {"db": site.butler.registry}
+    if site.butler.registry.startswith("postgresql"):
+        cfg["namespace"] = f"drp_{site.name}"   # one schema per site: sites may share a server
+    return cfg
+
+
+def wipe_repo(site: SiteConfig) -> None:
+    """Remove a site's repository: registry, repo directory and datastore files."""
+    reg = _registry_config(site)
+    if "namespace" in reg:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(reg["db"])
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{reg["namespace"]}" CASCADE'))
+        engine.dispose()
+    shutil.rmtree(site.repo_dir, ignore_errors=True)
+    site.store.rm(site.store.join("repo"))
+
+
+def create_repo(site: SiteConfig) -> Butler:
+    """A new empty repository for a site with the data model registered."""
+    repo = Path(site.repo_dir)
+    repo.mkdir(parents=True, exist_ok=True)
+    config = Config({**REPO_CONFIG, "datastore": {**REPO_CONFIG["datastore"],
+                                                  "root": site.store.butler_uri("repo")}})
+    if site.butler.registry:
+        config["registry"] = _registry_config(site)
+    Butler.makeRepo(str(repo), config=config)
+    butler = Butler.from_config(str(repo), writeable=True)
+    register_dataset_types(butler)
+    return butler
+
+
+def open_butler(site: SiteConfig, writeable: bool = False, **kwargs) -> Butler:
+    if site.store.scheme == "s3":
+        site.store.butler_uri()   # export the endpoint profile for lsst.resources
+    return Butler.from_config(site.repo_dir, writeable=writeable, **kwargs)
+
+
+def register_dataset_types(butler: Butler) -> None:
+    for spec in DATASET_TYPES.values():
+        butler.registry.registerDatasetType(DatasetType(
+            spec.name, spec.dimensions, spec.storage_class, universe=butler.dimensions,
+            isCalibration=spec.is_calibration))
+
+
+def define_default_chain(butler: Butler) -> None:
+    """`<instrument>/defaults`: raws, calibs, refcats and skymap, the inputs of every campaign."""
+    butler.registry.registerCollection(DEFAULTS, CollectionType.CHAINED)
+    butler.registry.setCollectionChain(DEFAULTS, [RAW_RUN, CALIB_COLLECTION, REFCAT_RUN, SKYMAP_RUN])

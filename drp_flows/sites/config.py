@@ -1,0 +1,158 @@
+"""Sites and the campaign-site file: loaded from YAML and validated.
+
+A site is one or two Dask clusters, one storage root, one Butler repository and flags. Any
+key of a cluster other than `kind` and `jobs` passes through to the dask-jobqueue class (or to
+LocalCluster), so every option those accept works here unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drp_flows.sites.storage import Storage
+
+
+class ConfigError(ValueError):
+    """A site file that cannot be used; the message names the file and the key."""
+
+
+class ClusterConfig(BaseModel):
+    """One Dask cluster: `kind` picks the backend, the other keys are its arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["local", "slurm", "htcondor", "address"]
+    jobs: int = Field(1, ge=0, description="batch jobs (or local workers) to start")
+    address: str | None = Field(None, description="scheduler address, for kind=address")
+
+    @model_validator(mode="after")
+    def _address_needed(self):
+        if self.kind == "address" and not self.address:
+            raise ValueError("kind 'address' needs an 'address' (tcp://host:port)")
+        return self
+
+    @property
+    def backend_kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ButlerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    registry: str | None = Field(
+        None, description="registry database URL; default SQLite in the site's repo directory")
+    repo: str | None = Field(
+        None, description="local directory of butler.yaml; default <storage>/repo when file://")
+
+
+class SkyShare(BaseModel):
+    """Which tracts a site processes (it holds the raws of visits aimed at them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tracts: list[int] | None = None
+    dec_min: float = -90.0
+    dec_max: float = 90.0
+
+
+class SiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""
+    cluster: ClusterConfig
+    long_cluster: ClusterConfig | None = None
+    storage: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    butler: ButlerConfig = Field(default_factory=ButlerConfig)
+    embargo: bool = False
+    sky: SkyShare = Field(default_factory=SkyShare)
+
+    @property
+    def store(self) -> Storage:
+        return Storage(self.storage, self.storage_options, profile=self.name)
+
+    @property
+    def repo_dir(self) -> str:
+        """Where butler.yaml lives: on S3 sites a local directory (SQLite cannot live on S3)."""
+        if self.butler.repo:
+            return self.butler.repo
+        if self.store.scheme != "file":
+            raise ConfigError(f"site {self.name}: storage {self.storage} is not a local path; "
+                              "set butler.repo to a local directory for butler.yaml")
+        return self.store.path(self.store.join("repo"))
+
+    def owns_tract(self, tract: int, tract_dec: float) -> bool:
+        if self.sky.tracts is not None:
+            return tract in self.sky.tracts
+        return self.sky.dec_min <= tract_dec < self.sky.dec_max
+
+
+class CampaignSites(BaseModel):
+    """A site file: the sites and which one runs the global steps and keeps the archive."""
+
+    model_config = ConfigDict(extra="forbid")
+    campaign_site: str
+    sites: dict[str, SiteConfig]
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _names(self):
+        if self.campaign_site not in self.sites:
+            raise ValueError(f"campaign_site {self.campaign_site!r} is not one of the sites "
+                             f"{sorted(self.sites)}")
+        for name, site in self.sites.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                raise ValueError(f"site name {name!r}: letters, digits and _ only")
+            site.name = name
+        return self
+
+    def __getitem__(self, name: str) -> SiteConfig:
+        return self.sites[name]
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand(text: str, variables: dict[str, str]) -> str:
+    """${NAME} and ${NAME:-default} from `variables`, then the environment."""
+    def sub(m):
+        name, default = m.group(1), m.group(2)
+        value = variables.get(name, os.environ.get(name, default))
+        if value is None:
+            raise KeyError(name)
+        return value
+    return _VAR.sub(sub, text)
+
+
+def load_sites(path: str | Path, **variables: str) -> CampaignSites:
+    """Load and validate a site file; any problem raises ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read site file ({e.strerror})") from e
+    try:
+        text = _expand(text, variables)
+    except KeyError as e:
+        raise ConfigError(f"{path}: variable ${{{e.args[0]}}} is not set") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'campaign_site' and 'sites'")
+    try:
+        cfg = CampaignSites.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{path}: invalid site file"]
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    cfg.source = str(path)
+    return cfg
+
+
+LOCAL_SITES = Path(__file__).with_name("local.yaml")

@@ -1,0 +1,69 @@
+"""Calibrated images as FITS: IMAGE, MASK and VARIANCE HDUs with a WCS, like afw's Exposure."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+# Rubin's standard mask planes (afw), as bit numbers
+MASK_PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
+               "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8}
+
+
+def bit(name: str) -> int:
+    return 1 << MASK_PLANES[name]
+
+
+@dataclass
+class Exposure:
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    wcs: WCS | None = None
+    metadata: fits.Header = field(default_factory=fits.Header)
+
+    def to_hdulist(self) -> fits.HDUList:
+        primary = fits.PrimaryHDU(header=self.metadata.copy())
+        wcs_header = self.wcs.to_header(relax=True) if self.wcs is not None else fits.Header()
+        mask_header = fits.Header()
+        for name, b in MASK_PLANES.items():
+            mask_header[f"MP_{name}"] = b
+        return fits.HDUList([
+            primary,
+            fits.ImageHDU(self.image.astype(np.float32), header=wcs_header, name="IMAGE"),
+            fits.ImageHDU(self.mask.astype(np.int32), header=mask_header, name="MASK"),
+            fits.ImageHDU(self.variance.astype(np.float32), header=wcs_header, name="VARIANCE"),
+        ])
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        self.to_hdulist().writeto(buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_hdulist(cls, hdul: fits.HDUList) -> Exposure:
+        from drp_flows.tasks.skymap import header_wcs
+
+        def native(a):  # FITS is big-endian; sep and numpy kernels want native order
+            return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+        return cls(image=native(hdul["IMAGE"].data), variance=native(hdul["VARIANCE"].data),
+                   mask=native(hdul["MASK"].data), wcs=header_wcs(hdul["IMAGE"].header),
+                   metadata=hdul[0].header.copy())
+
+
+def single_image_bytes(data: np.ndarray, header: fits.Header | None = None) -> bytes:
+    """A one-image FITS file (master calibs)."""
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(header=header), fits.ImageHDU(data.astype(np.float32), name="IMAGE")]
+                 ).writeto(buf)
+    return buf.getvalue()
+
+
+def read_fits(storage, uri: str) -> fits.HDUList:
+    """Read a whole FITS file from site storage into memory."""
+    with storage.open(uri, "rb") as f:
+        return fits.HDUList.fromstring(f.read())

@@ -1,0 +1,97 @@
+"""The Moffat PSF (beta 3.5) used to draw stars and to measure PSF fluxes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MOFFAT_BETA = 3.5
+
+
+def moffat_stamps(x: np.ndarray, y: np.ndarray, fwhm_px: float, half: int,
+                  unit_sum: bool = True):
+    """Moffat stamps centred at sub-pixel positions, vectorised over sources.
+
+    Normalised to sum 1 inside the stamp (`unit_sum`, for drawing) or to unit total flux of
+    the untruncated profile (for measuring total fluxes from a small stamp). Returns the
+    nearest pixel of each centre (ix, iy), the offsets and the stamps [source, dy, dx].
+    """
+    alpha = fwhm_px / (2 * np.sqrt(2 ** (1 / MOFFAT_BETA) - 1))
+    ix, iy = np.round(x).astype(int), np.round(y).astype(int)
+    offs = np.arange(-half, half + 1)
+    ddx = offs[None, None, :] + (ix - x)[:, None, None]
+    ddy = offs[None, :, None] + (iy - y)[:, None, None]
+    prof = (1 + (ddx ** 2 + ddy ** 2) / alpha ** 2) ** (-MOFFAT_BETA)
+    if unit_sum:
+        prof /= prof.sum(axis=(1, 2), keepdims=True)
+    else:
+        prof *= (MOFFAT_BETA - 1) / (np.pi * alpha ** 2)
+    return ix, iy, offs, prof
+
+
+def stamp_indices(ix: np.ndarray, iy: np.ndarray, offs: np.ndarray, shape: tuple[int, int]):
+    """Flat pixel indices of each stamp pixel and whether it lies inside the image."""
+    ny, nx = shape
+    yy = np.broadcast_to(iy[:, None, None] + offs[None, :, None], (ix.size, offs.size, offs.size))
+    xx = np.broadcast_to(ix[:, None, None] + offs[None, None, :], (ix.size, offs.size, offs.size))
+    inside = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+    return np.where(inside, yy * nx + xx, 0), inside
+
+
+def add_point_sources(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+                      fwhm_px: float) -> None:
+    """Add Moffat point sources (flux in image units) into `image`, clipped at the edges."""
+    if len(x) == 0:
+        return
+    ix, iy, offs, prof = moffat_stamps(x, y, fwhm_px, int(np.ceil(4 * fwhm_px)))
+    flat, inside = stamp_indices(ix, iy, offs, image.shape)
+    image += np.bincount(flat[inside], weights=(prof * flux[:, None, None])[inside],
+                         minlength=image.size).reshape(image.shape)
+
+
+def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.ndarray,
+             fwhm_px: float, variance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal (PSF-weighted) total flux and its error.
+
+    Weights come from `weight_var`, the background (sky + read noise) variance: weighting by
+    the measured per-pixel variance, which holds the star's own noisy photons, biases faint
+    fluxes low by ~2% at S/N 30. The error propagates the full `variance`. P is normalised to
+    the untruncated profile, so no aperture correction is needed when the PSF model fits; a
+    2-FWHM stamp keeps neighbours in a crowded field out.
+    """
+    variance = weight_var if variance is None else variance
+    ix, iy, offs, prof = moffat_stamps(x, y, fwhm_px, int(np.ceil(2 * fwhm_px)), unit_sum=False)
+    flat, inside = stamp_indices(ix, iy, offs, image.shape)
+    data, wvar, var = image.ravel()[flat], weight_var.ravel()[flat], variance.ravel()[flat]
+    w = np.where(inside & (wvar > 0), prof / np.where(wvar > 0, wvar, 1), 0.0)
+    norm = (w * prof).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * data).sum(axis=(1, 2)) / norm, np.sqrt((w * w * var).sum(axis=(1, 2))) / norm
+
+
+def fit_fwhm(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.ndarray,
+             guess_px: float) -> np.ndarray:
+    """Per-star Moffat FWHM (pixels) minimising chi2 of a flux-scaled PSF in a fixed stamp.
+
+    A grid over 0.3-3x the guess, refined by a parabola through the best three points; the
+    stamp is fixed so that chi2 compares like with like, and small so neighbours matter little.
+    """
+    half = int(np.ceil(1.5 * guess_px))
+    grid = guess_px * np.geomspace(0.3, 3.0, 60)
+    ix, iy = np.round(x).astype(int), np.round(y).astype(int)
+    offs = np.arange(-half, half + 1)
+    flat, inside = stamp_indices(ix, iy, offs, image.shape)
+    data, var = image.ravel()[flat], weight_var.ravel()[flat]
+    w = np.where(inside & (var > 0), 1 / np.where(var > 0, var, 1), 0.0)
+    chi2 = np.empty((grid.size, x.size))
+    for k, fwhm in enumerate(grid):
+        prof = moffat_stamps(x, y, fwhm, half)[3]
+        amp = (w * prof * data).sum(axis=(1, 2)) / (w * prof * prof).sum(axis=(1, 2))
+        chi2[k] = (w * (data - amp[:, None, None] * prof) ** 2).sum(axis=(1, 2))
+    best = np.clip(np.argmin(chi2, axis=0), 1, grid.size - 2)
+    cols = np.arange(x.size)
+    lg = np.log(grid)
+    c0, c1, c2 = chi2[best - 1, cols], chi2[best, cols], chi2[best + 1, cols]
+    denom = c0 - 2 * c1 + c2
+    step = lg[1] - lg[0]
+    shift = np.where(denom > 0, 0.5 * (c0 - c2) / np.where(denom > 0, denom, 1), 0.0)
+    return np.exp(lg[best] + np.clip(shift, -1, 1) * step)
