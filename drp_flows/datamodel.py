@@ -26,6 +26,7 @@ class DatasetTypeSpec:
 
 DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("raw", ("instrument", "exposure", "detector"), "FitsHDUList"),
+    DatasetTypeSpec("camera", ("instrument",), "StructuredDataDict", is_calibration=True),
     DatasetTypeSpec("bias", ("instrument", "detector"), "FitsHDUList", is_calibration=True),
     DatasetTypeSpec("dark", ("instrument", "detector"), "FitsHDUList", is_calibration=True),
     DatasetTypeSpec("flat", ("instrument", "detector", "physical_filter"), "FitsHDUList",

@@ -43,12 +43,20 @@ class FitsFormatter(FormatterV2):
         in_memory_dataset.writeto(uri.ospath, overwrite=True)
 
 
-FORMATTER = f"{FitsFormatter.__module__}.{FitsFormatter.__qualname__}"
+FORMATTERS = {
+    "FitsHDUList": f"{FitsFormatter.__module__}.{FitsFormatter.__qualname__}",
+    "ArrowAstropy": "lsst.daf.butler.formatters.parquet.ParquetFormatter",
+    "StructuredDataDict": "lsst.daf.butler.formatters.yaml.YamlFormatter",
+}
 
 REPO_CONFIG = {
     "storageClasses": {"FitsHDUList": {"pytype": "astropy.io.fits.HDUList"}},
-    "datastore": {"formatters": {"FitsHDUList": FORMATTER}},
+    "datastore": {"formatters": {"FitsHDUList": FORMATTERS["FitsHDUList"]}},
 }
+
+
+def formatter_for(storage_class: str) -> str:
+    return FORMATTERS[storage_class]
 
 
 def _registry_config(site: SiteConfig) -> dict:

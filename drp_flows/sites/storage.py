@@ -77,15 +77,17 @@ class Storage:
             self.fs.rm(self.path(uri), recursive=recursive)
 
     def butler_uri(self, *parts: str) -> str:
-        """The URI lsst.resources understands for a path under this root (profile-qualified on S3)."""
-        uri = self.join(*parts)
+        """The URI lsst.resources understands for a path under this root."""
+        return self.butler_uri_of(self.join(*parts))
+
+    def butler_uri_of(self, uri: str) -> str:
+        """A URI of this storage as lsst.resources understands it (profile-qualified on S3)."""
         if self.scheme == "s3":
             _KINDS["s3"].export_profile(self)
-            bucket_path = uri.removeprefix("s3://")
-            return f"s3://{self.profile}@{bucket_path}"
+            return f"s3://{self.profile}@{_strip_profile(uri).removeprefix('s3://')}"
         return uri
 
-    def from_butler_uri(self, uri: str) -> str:
+    def from_butler_uri(self, uri) -> str:
         """A Butler URI back in this storage's form."""
         return _strip_profile(str(uri))
 

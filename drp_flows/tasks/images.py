@@ -31,7 +31,7 @@ class Exposure:
         wcs_header = self.wcs.to_header(relax=True) if self.wcs is not None else fits.Header()
         mask_header = fits.Header()
         for name, b in MASK_PLANES.items():
-            mask_header[f"MP_{name}"] = b
+            mask_header[f"HIERARCH MP_{name}"] = b   # afw's mask-plane keywords
         return fits.HDUList([
             primary,
             fits.ImageHDU(self.image.astype(np.float32), header=wcs_header, name="IMAGE"),

@@ -111,3 +111,26 @@ def htm_shards(ra: np.ndarray, dec: np.ndarray, level: int = REFCAT_LEVEL) -> np
     pix = HtmPixelization(level)
     return np.array([pix.index(UnitVector3d(LonLat.fromDegrees(float(r), float(d))))
                      for r, d in zip(ra, dec, strict=True)], dtype=np.int64)
+
+
+def site_exposures(raw_dir, skymap: MiniSkymap, owns_tract) -> dict[int, list]:
+    """Raw files of the exposures a site owns, by exposure: the tract under the boresight
+    decides (as Rubin splits a campaign's raws between sites by sky region)."""
+    from pathlib import Path
+
+    by_exposure: dict[int, list] = {}
+    for path in sorted(Path(raw_dir).glob("raw_*.fits")):
+        by_exposure.setdefault(int(path.stem.split("_")[1]), []).append(path)
+    owned = {}
+    for exposure, paths in by_exposure.items():
+        h = fits.getheader(paths[0], 0)
+        tract = int(skymap.tract_of(h["RA"], h["DEC"])[0])
+        if tract >= 0 and owns_tract(tract, skymap.tract_center(tract)[1]):
+            owned[exposure] = paths
+    return owned
+
+
+def refcat_shards(refcat) -> dict[int, object]:
+    """Reference catalog split into HTM level-7 shards."""
+    shard = htm_shards(np.asarray(refcat["coord_ra"]), np.asarray(refcat["coord_dec"]))
+    return {int(s): refcat[shard == s] for s in np.unique(shard)}

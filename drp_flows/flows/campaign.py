@@ -1,0 +1,75 @@
+"""The campaign: stage 1 at every site at once, each on its own sky share.
+
+Reads like the campaign's stage table: start each site's Dask cluster, split each site's
+visits into groups, run the stage flow for every group, report. Stages 2-4 and the transfers
+between sites slot in after stage 1 (see ARCHITECTURE.md, the six data movements).
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from drp_flows.datamodel import DEFAULTS
+from drp_flows.flows.stages import StepProgress, progress_markdown, stage_flow
+from drp_flows.sites.butler import open_butler
+from drp_flows.sites.clusters import running_cluster
+from drp_flows.sites.config import LOCAL_SITES, load_sites
+from drp_flows.tasks.camera import INSTRUMENT
+
+
+def site_visits(site_file: str, site: str) -> list[int]:
+    """The visits whose raws a site holds."""
+    butler = open_butler(load_sites(site_file)[site])
+    ids = butler.registry.queryDataIds(["visit"], datasets="raw", collections=DEFAULTS,
+                                       instrument=INSTRUMENT)
+    return sorted({int(d["visit"]) for d in ids})
+
+
+def make_groups(visits: list[int], group_size: int) -> dict[str, list[int]]:
+    """Visit-range groups of at most group_size visits, named by their first and last visit."""
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size}: must be >= 1")
+    chunks = [visits[i:i + group_size] for i in range(0, len(visits), group_size)]
+    return {f"{c[0]}-{c[-1]}": c for c in chunks}
+
+
+@task(name="stage at site", cache_policy=NO_CACHE)
+def stage_at_site(site_file: str, site: str, campaign: str, address: str, stage: str,
+                  group_size: int, batch_size: int) -> list[dict]:
+    """All groups of one stage at one site, one stage flow run per group."""
+    groups = make_groups(site_visits(site_file, site), group_size)
+    progress = []
+    for name, visits in groups.items():
+        progress += stage_flow(site_file, site, campaign, name, visits, address, stage=stage,
+                               batch_size=batch_size)
+    return progress
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower())
+
+
+@flow(name="drp-campaign", flow_run_name="{campaign}")
+def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
+                  group_size: int = 100, batch_size: int = 500) -> list[dict]:
+    """Run stage 1 at every site of the site file concurrently; returns the progress rows."""
+    logger = get_run_logger()
+    sites = load_sites(site_file)
+    with ExitStack() as stack:
+        addresses = {name: stack.enter_context(running_cluster(site.cluster))
+                     for name, site in sites.sites.items()}
+        logger.info("clusters: %s", addresses)
+        futures = {name: stage_at_site.with_options(name=f"stage1 at {name}").submit(
+            site_file, name, campaign, addresses[name], "stage1", group_size, batch_size)
+            for name in sites.sites}
+        rows = [row for f in futures.values() for row in f.result()]
+    table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
+                               for r in rows])
+    create_markdown_artifact(f"# Campaign {campaign}\n\n{table}\n", key=_key(f"campaign-{campaign}"),
+                             description=f"progress of campaign {campaign}")
+    return rows

@@ -1,0 +1,151 @@
+"""Stage flows: one run per (site, group), running the stage's steps in order.
+
+A step is planned against the site Butler, its quanta are clustered into batches, one Prefect
+task per batch drives them on the site's Dask cluster, and each batch's outputs are registered
+as soon as it returns. Each group attempt writes its own RUN collection, chained in front of
+the campaign collection, so a rescue or a re-run only does what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from distributed import Client
+from lsst.daf.butler import Butler, CollectionType
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
+from drp_flows.sites.butler import open_butler
+from drp_flows.sites.config import SiteConfig, load_sites
+from drp_flows.sites.storage import Storage
+from drp_flows.tasks import step1
+from drp_flows.tasks.quanta import Quantum, QuantumResult, cluster_quanta, run_batch
+from drp_flows.tasks.register import register_outputs
+
+STAGE_STEPS = {"stage1": ["step1"]}
+
+
+@dataclass
+class StepProgress:
+    """What PanDA's dashboard shows per step and group."""
+
+    site: str
+    step: str
+    group: str
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    blocked: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        finished = self.done + self.skipped
+        return 100.0 * finished / self.total if self.total else 100.0
+
+
+@task(name="run batch", cache_policy=NO_CACHE)
+def run_batch_task(address: str, step: str, storage: Storage, config: dict,
+                   quanta: list[Quantum], token: str) -> list[QuantumResult]:
+    """One batch of quanta of one step, mapped onto the site's Dask cluster."""
+    with Client(address, set_as_default=False) as client:
+        return run_batch(client, step1.STEP_FUNCTIONS[step], storage, config, quanta, token)
+
+
+def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: list[Quantum],
+             run: str, config: dict, batch_size: int, progress: StepProgress) -> None:
+    """Run the quanta of one step in batches and register each batch as it finishes."""
+    batches = cluster_quanta(quanta, step1.CLUSTER_DIMENSIONS[step], batch_size)
+    token = uuid.uuid4().hex[:8]
+    futures = [run_batch_task.with_options(name=f"run batch {step} {i + 1}/{len(batches)}")
+               .submit(address, step, site.store, config, batch, token)
+               for i, batch in enumerate(batches)]
+    for future in as_completed(futures):
+        results = future.result()
+        register_outputs(butler, site.store, results, run)
+        for r in results:
+            if r.ok:
+                progress.done += 1
+            else:
+                progress.failed += 1
+                progress.failures.append({"data_id": r.data_id, "error_class": r.error_class,
+                                          "error": r.error, "inputs": r.inputs.get("raw", "")})
+
+
+def chain_run(butler: Butler, campaign: str, run: str) -> None:
+    """Put a group attempt's RUN in front of the campaign's chain (created if new)."""
+    chain = campaign_collection(campaign)
+    butler.registry.registerCollection(chain, CollectionType.CHAINED)
+    members = list(butler.registry.getCollectionChain(chain))
+    if run not in members:
+        members = [run] + [m for m in members if m != DEFAULTS] + [DEFAULTS]
+        butler.registry.setCollectionChain(chain, members)
+
+
+def quarantine(site: SiteConfig, campaign: str, group: str, progress: list[StepProgress]) -> str:
+    """Record failed quanta (the quarantined CCDs) beside the site's repository."""
+    failures = [f | {"step": p.step} for p in progress for f in p.failures]
+    uri = site.store.join("reports", campaign, f"quarantine-{group}.json")
+    with site.store.open(uri, "wb") as f:
+        f.write(json.dumps(failures, indent=1, default=str).encode())
+    return uri
+
+
+def progress_markdown(rows: list[StepProgress]) -> str:
+    lines = ["| site | step | group | total | done | skipped | failed | blocked | % | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in rows:
+        lines.append(f"| {p.site} | {p.step} | {p.group} | {p.total} | {p.done} | {p.skipped} | "
+                     f"{p.failed} | {p.blocked} | {p.percent:.0f} | {p.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+@flow(name="drp-stage", flow_run_name="{site}-{stage}-{group}")
+def stage_flow(site_file: str, site: str, campaign: str, group: str, visits: list[int],
+               address: str, stage: str = "stage1", attempt: int = 1,
+               batch_size: int = 500) -> list[dict]:
+    """Run one stage for one group of visits at one site."""
+    logger = get_run_logger()
+    site_cfg = load_sites(site_file)[site]
+    butler = open_butler(site_cfg, writeable=True)
+    config = {"camera": step1.camera_config(butler)}
+    done_in = [campaign_collection(campaign)]
+    progress = []
+    for step in STAGE_STEPS[stage]:
+        run = group_run(campaign, step, group, attempt)
+        butler.registry.registerRun(run)
+        chain_run(butler, campaign, run)
+        calib_q, calib_skip = step1.plan_calibrate(butler, site_cfg.store, run, visits, done_in)
+        p = StepProgress(site, step1.CALIBRATE, group, total=len(calib_q) + calib_skip,
+                         skipped=calib_skip)
+        start = time.perf_counter()
+        run_step(butler, site_cfg, address, step1.CALIBRATE, calib_q, run, config, batch_size, p)
+        p.seconds = time.perf_counter() - start
+        progress.append(p)
+
+        cons_q, cons_skip, blocked = step1.plan_consolidate(butler, site_cfg.store, run, visits,
+                                                            done_in)
+        p = StepProgress(site, step1.CONSOLIDATE, group,
+                         total=len(cons_q) + cons_skip + len(blocked), skipped=cons_skip,
+                         blocked=len(blocked))
+        start = time.perf_counter()
+        run_step(butler, site_cfg, address, step1.CONSOLIDATE, cons_q, run, config, batch_size, p)
+        p.seconds = time.perf_counter() - start
+        progress.append(p)
+    report = quarantine(site_cfg, campaign, group, progress)
+    failed = sum(p.failed for p in progress)
+    if failed:
+        logger.warning("site %s group %s: %d quanta failed, quarantined in %s",
+                       site, group, failed, report)
+    create_markdown_artifact(progress_markdown(progress), key=re.sub(r"[^a-z0-9-]+", "-", f"progress-{site}-{group}".lower()),
+                             description=f"{campaign}: {stage} at {site}, group {group}")
+    return [asdict(p) | {"percent": p.percent} for p in progress]

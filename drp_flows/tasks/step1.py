@@ -1,0 +1,195 @@
+"""Step 1 as quanta: calibrateImage per (visit, detector), consolidation per visit.
+
+Planning runs in the flow process against the site Butler (URIs of inputs, planned URIs of
+outputs, skip what is registered); the quantum functions run on Dask workers and see only URIs.
+ISR runs inside the calibrateImage quantum (as BPS clusters isr with calibrateImage), so the
+post-ISR image never goes through storage.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table, vstack
+from lsst.daf.butler import Butler
+
+from drp_flows.datamodel import CALIB_COLLECTION, DATASET_TYPES, DEFAULTS, REFCAT
+from drp_flows.sites.storage import Storage
+from drp_flows.tasks.calibrate import calibrate
+from drp_flows.tasks.camera import INSTRUMENT, Camera
+from drp_flows.tasks.catalogs import read_table, table_bytes
+from drp_flows.tasks.images import Exposure, read_fits
+from drp_flows.tasks.isr import run_isr
+from drp_flows.tasks.quanta import OutputWriter, Quantum
+
+CALIBRATE = "calibrateImage"
+CONSOLIDATE = "consolidateVisitSummary"
+SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zero_point_nstar",
+                "PSF_FWHM": "psf_fwhm", "SKYBG": "sky_bg", "SKYNOISE": "sky_noise", "M5": "m5",
+                "NSOURCE": "n_source", "WCS_RMS": "astrom_rms_mas", "WCS_NREF": "astrom_nref",
+                "APCORR": "ap_corr_qa"}
+
+
+def output_uri(storage: Storage, run: str, dataset_type: str, data_id: dict) -> str:
+    """Where a quantum writes an output: <datastore>/<run>/<type>/<visit>/<type>_<ids>.<ext>."""
+    ids = "_".join(str(data_id[k]) for k in sorted(data_id))
+    folder = str(data_id.get("visit", data_id.get("tract", "")))
+    name = f"{dataset_type}_{INSTRUMENT}_{ids}{DATASET_TYPES[dataset_type].extension}"
+    return storage.join("repo", run, dataset_type, folder, name)
+
+
+def _uri(butler: Butler, storage: Storage, ref) -> str:
+    return storage.from_butler_uri(butler.getURI(ref))
+
+
+def camera_config(butler: Butler) -> dict:
+    return dict(butler.get("camera", instrument=INSTRUMENT, collections=CALIB_COLLECTION))
+
+
+def registered(butler: Butler, collections: list[str], dataset_type: str) -> set[tuple]:
+    """Data IDs (without instrument) of a dataset type found in the given collections."""
+    out = set()
+    existing = [c for c in collections if list(butler.registry.queryCollections(c))]
+    if not existing:
+        return out
+    for ref in butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True):
+        out.add(tuple(sorted((k, v) for k, v in ref.dataId.required.items() if k != "instrument")))
+    return out
+
+
+def _key(data_id: dict) -> tuple:
+    return tuple(sorted(data_id.items()))
+
+
+def plan_calibrate(butler: Butler, storage: Storage, run: str, visits: list[int],
+                   done_collections: list[str]) -> tuple[list[Quantum], int]:
+    """calibrateImage quanta for the visits' raws, minus those whose outputs are registered."""
+    outputs = ("preliminary_visit_image", "single_visit_star_unstandardized")
+    done = set.intersection(*[registered(butler, done_collections, o) for o in outputs])
+    if not visits:
+        return [], 0
+    raws = butler.registry.queryDatasets(
+        "raw", collections=DEFAULTS, instrument=INSTRUMENT,
+        where=f"exposure IN ({', '.join(str(v) for v in visits)})")
+    calib_cache: dict[tuple, str] = {}
+    shard_cache: dict[int, list[str]] = {}
+    quanta, skipped = [], 0
+    for ref in sorted(raws, key=lambda r: (r.dataId["exposure"], r.dataId["detector"])):
+        visit, detector = int(ref.dataId["exposure"]), int(ref.dataId["detector"])
+        data_id = {"visit": visit, "detector": detector}
+        if _key(data_id) in done:
+            skipped += 1
+            continue
+        exposure = butler.registry.expandDataId(ref.dataId)
+        inputs = {"raw": _uri(butler, storage, ref), "band": exposure["band"]}
+        for calib in ("bias", "dark", "flat"):
+            key = (calib, detector, exposure["physical_filter"] if calib == "flat" else "")
+            if key not in calib_cache:
+                cref = butler.find_dataset(calib, exposure, collections=CALIB_COLLECTION,
+                                           timespan=exposure.timespan)
+                if cref is None:
+                    raise LookupError(f"no {calib} for {dict(exposure.required)} in {CALIB_COLLECTION}")
+                calib_cache[key] = _uri(butler, storage, cref)
+            inputs[calib] = calib_cache[key]
+        if visit not in shard_cache:
+            shards = butler.registry.queryDataIds(["htm7"], instrument=INSTRUMENT, visit=visit)
+            refs = [butler.find_dataset(REFCAT, d, collections=DEFAULTS) for d in shards]
+            shard_cache[visit] = sorted(_uri(butler, storage, r) for r in refs if r is not None)
+        inputs["refcat"] = shard_cache[visit]
+        quanta.append(Quantum(CALIBRATE, data_id, inputs,
+                              {o: output_uri(storage, run, o, data_id) for o in outputs}))
+    return quanta, skipped
+
+
+def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[int],
+                     collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+    """Per-visit consolidation of whatever detectors calibrated; a visit with none is blocked."""
+    outputs = ("single_visit_star", "preliminary_visit_summary")
+    done = set.intersection(*[registered(butler, collections, o) for o in outputs])
+    existing = [c for c in collections if list(butler.registry.queryCollections(c))]
+    per_visit: dict[int, dict[str, list[str]]] = {v: {} for v in visits}
+    for name in ("preliminary_visit_image", "single_visit_star_unstandardized"):
+        if not existing:
+            break
+        for ref in butler.registry.queryDatasets(name, collections=existing, findFirst=True,
+                                                 instrument=INSTRUMENT):
+            v = int(ref.dataId["visit"])
+            if v in per_visit:
+                per_visit[v].setdefault(name, []).append(_uri(butler, storage, ref))
+    quanta, skipped, blocked = [], 0, []
+    for visit in visits:
+        data_id = {"visit": visit}
+        if _key(data_id) in done:
+            skipped += 1
+            continue
+        inputs = per_visit[visit]
+        if not inputs.get("preliminary_visit_image"):
+            blocked.append(data_id)
+            continue
+        quanta.append(Quantum(CONSOLIDATE, data_id, {k: sorted(v) for k, v in inputs.items()},
+                              {o: output_uri(storage, run, o, data_id) for o in outputs}))
+    return quanta, skipped, blocked
+
+
+@lru_cache(maxsize=16)
+def _calib_image(storage: Storage, uri: str) -> np.ndarray:
+    data = read_fits(storage, uri)["IMAGE"].data
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+@lru_cache(maxsize=4)
+def _refcat(storage: Storage, uris: tuple[str, ...]) -> Table:
+    return vstack([read_table(storage, u) for u in uris])
+
+
+def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
+    """ISR + single-frame calibration of one CCD (runs on a worker)."""
+    camera = Camera(**config["camera"])
+    detector = quantum.data_id["detector"]
+    try:
+        raw = read_fits(storage, quantum.inputs["raw"])
+        raw.verify("exception")
+    except Exception as e:
+        raise ValueError(f"corrupt raw {quantum.inputs['raw']}: {e}") from e
+    post_isr = run_isr(raw, camera, detector, _calib_image(storage, quantum.inputs["bias"]),
+                       _calib_image(storage, quantum.inputs["dark"]),
+                       _calib_image(storage, quantum.inputs["flat"]))
+    image, stars = calibrate(post_isr, _refcat(storage, tuple(quantum.inputs["refcat"])),
+                             quantum.inputs["band"], sip_degree=config.get("sip_degree", 2))
+    image.metadata["VISIT"] = quantum.data_id["visit"]
+    out.write("preliminary_visit_image", image.to_bytes())
+    stars.meta = {"visit": quantum.data_id["visit"], "detector": detector,
+                  "band": quantum.inputs["band"]}
+    out.write("single_visit_star_unstandardized", table_bytes(stars))
+
+
+def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
+    """Visit summary (one row per detector) and the visit's star table (runs on a worker)."""
+    rows = []
+    for uri in quantum.inputs["preliminary_visit_image"]:
+        with storage.open(uri, "rb") as f:
+            h = fits.getheader(f, 0)
+        row = {"visit": quantum.data_id["visit"], "detector": int(h["DETECTOR"]),
+               "band": h["BAND"], "mjd": h["MJD-OBS"]}
+        row |= {name: h[key] for key, name in SUMMARY_KEYS.items()}
+        rows.append(row)
+    summary = Table(rows=rows)
+    summary.sort("detector")
+    out.write("preliminary_visit_summary", table_bytes(summary))
+    tables = []
+    for uri in quantum.inputs.get("single_visit_star_unstandardized", []):
+        t = read_table(storage, uri)
+        t["visit"] = np.full(len(t), t.meta["visit"], dtype=np.int64)
+        t["detector"] = np.full(len(t), t.meta["detector"], dtype=np.int32)
+        t["band"] = t.meta["band"]
+        tables.append(t)
+    stars = vstack(tables, metadata_conflicts="silent") if tables else Table()
+    stars.meta = {"visit": quantum.data_id["visit"]}
+    out.write("single_visit_star", table_bytes(stars))
+
+
+STEP_FUNCTIONS = {CALIBRATE: calibrate_image, CONSOLIDATE: consolidate_visit}
+# BPS-style clustering dimensions of each step's quanta
+CLUSTER_DIMENSIONS = {CALIBRATE: ("visit",), CONSOLIDATE: ()}
