@@ -54,5 +54,5 @@ def campaign_collection(campaign: str) -> str:
 
 
 def group_run(campaign: str, step: str, group: str, attempt: int) -> str:
-    """The RUN collection of one attempt of one group: <instrument>/runs/<campaign>/<step>/<group>/<attempt>."""
+    """RUN collection of one group attempt: <instrument>/runs/<campaign>/<step>/<group>/<attempt>."""
     return f"{campaign_collection(campaign)}/{step}/{group}/{attempt}"

@@ -1,4 +1,4 @@
-"""The campaign: stage 1 at every site at once, each on its own sky share.
+"""The campaign: stage 1 at every site at once, each on its own sky share, then QA.
 
 Reads like the campaign's stage table: start each site's Dask cluster, split each site's
 visits into groups, run the stage flow for every group, report. Stages 2-4 and the transfers
@@ -8,18 +8,21 @@ between sites slot in after stage 1 (see ARCHITECTURE.md, the six data movements
 from __future__ import annotations
 
 import re
+import tempfile
 from contextlib import ExitStack
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from drp_flows.datamodel import DEFAULTS
+from drp_flows.datamodel import DEFAULTS, campaign_collection
 from drp_flows.flows.stages import StepProgress, progress_markdown, stage_flow
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import running_cluster
 from drp_flows.sites.config import LOCAL_SITES, load_sites
 from drp_flows.tasks.camera import INSTRUMENT
+from drp_flows.tasks.qa import step1_qa, write_report
 
 
 def site_visits(site_file: str, site: str) -> list[int]:
@@ -54,10 +57,36 @@ def _key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower())
 
 
+@task(name="QA against truth", cache_policy=NO_CACHE)
+def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str]:
+    """Step-1 QA over every site's outputs, published at the campaign site."""
+    sites = load_sites(site_file)
+    butlers = [open_butler(s) for s in sites.sites.values()]
+    qa = step1_qa(butlers, campaign_collection(campaign), Path(survey))
+    store = sites[sites.campaign_site].store
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(qa, Path(tmp), f"Campaign {campaign}: step 1 QA against truth")
+        for path in Path(tmp).iterdir():
+            store.put_file(str(path), store.join("reports", campaign, "qa", path.name))
+    report = store.join("reports", campaign, "qa", "qa.md")
+    create_markdown_artifact(_qa_markdown(qa.checks()),
+                             key=_key(f"qa-{campaign}"), description=f"QA of campaign {campaign}")
+    return qa.checks(), report
+
+
+def _qa_markdown(checks: list[dict]) -> str:
+    lines = ["| metric | value | target | result |", "|---|---:|---|---|"]
+    lines += [f"| {c['metric']} | {c['value']:.2f} {c['unit']} | {c['target']} | "
+              f"{'PASS' if c['pass'] else 'FAIL'} |" for c in checks]
+    return "\n".join(lines)
+
+
 @flow(name="drp-campaign", flow_run_name="{campaign}")
 def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
-                  group_size: int = 100, batch_size: int = 500) -> list[dict]:
-    """Run stage 1 at every site of the site file concurrently; returns the progress rows."""
+                  group_size: int = 100, batch_size: int = 500,
+                  survey: str | None = None) -> dict:
+    """Run stage 1 at every site of the site file concurrently, then QA against the truth of
+    a simulated survey if one is given. Returns progress rows, quarantined quanta and QA."""
     logger = get_run_logger()
     sites = load_sites(site_file)
     with ExitStack() as stack:
@@ -72,4 +101,10 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
                                for r in rows])
     create_markdown_artifact(f"# Campaign {campaign}\n\n{table}\n", key=_key(f"campaign-{campaign}"),
                              description=f"progress of campaign {campaign}")
-    return rows
+    result = {"campaign": campaign, "progress": rows,
+              "quarantined": [f | {"step": r["step"], "site": r["site"]}
+                              for r in rows for f in r["failures"]],
+              "qa": [], "qa_report": None}
+    if survey:
+        result["qa"], result["qa_report"] = qa_task(site_file, campaign, survey)
+    return result

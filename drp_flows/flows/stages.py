@@ -146,6 +146,7 @@ def stage_flow(site_file: str, site: str, campaign: str, group: str, visits: lis
     if failed:
         logger.warning("site %s group %s: %d quanta failed, quarantined in %s",
                        site, group, failed, report)
-    create_markdown_artifact(progress_markdown(progress), key=re.sub(r"[^a-z0-9-]+", "-", f"progress-{site}-{group}".lower()),
+    create_markdown_artifact(progress_markdown(progress),
+                             key=re.sub(r"[^a-z0-9-]+", "-", f"progress-{site}-{group}".lower()),
                              description=f"{campaign}: {stage} at {site}, group {group}")
     return [asdict(p) | {"percent": p.percent} for p in progress]

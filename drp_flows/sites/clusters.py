@@ -18,7 +18,7 @@ from drp_flows.sites.config import ClusterConfig
 
 def _local(cfg: ClusterConfig):
     kwargs = {"n_workers": cfg.jobs, "threads_per_worker": 1, "processes": True,
-              "dashboard_address": None, **cfg.backend_kwargs}
+              "dashboard_address": ":0", **cfg.backend_kwargs}
     return LocalCluster(**kwargs)
 
 

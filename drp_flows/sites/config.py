@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drp_flows.sites.storage import Storage
 
@@ -68,6 +68,12 @@ class SiteConfig(BaseModel):
     butler: ButlerConfig = Field(default_factory=ButlerConfig)
     embargo: bool = False
     sky: SkyShare = Field(default_factory=SkyShare)
+
+    @field_validator("storage")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        Storage(value)  # raises for a scheme with no filesystem kind
+        return value
 
     @property
     def store(self) -> Storage:

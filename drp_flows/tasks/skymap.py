@@ -7,10 +7,9 @@ field centre, each with its own TAN WCS at the coadd pixel scale, and nx x ny pa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
-
-import warnings
 
 import numpy as np
 from astropy.io import fits

@@ -20,7 +20,7 @@ from drp_flows.sites.storage import Storage
 from drp_flows.tasks.calibrate import calibrate
 from drp_flows.tasks.camera import INSTRUMENT, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
-from drp_flows.tasks.images import Exposure, read_fits
+from drp_flows.tasks.images import read_fits
 from drp_flows.tasks.isr import run_isr
 from drp_flows.tasks.quanta import OutputWriter, Quantum
 

@@ -1,0 +1,43 @@
+# drp-flows: `make demo` runs a whole three-site campaign on this machine, `make test` the tests.
+# Both build the environment from uv.lock first (Python 3.11 and make are all they need).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+UV_VERSION := 0.13.9
+export PREFECT_HOME ?= $(CURDIR)/build/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
+
+.PHONY: env demo test bench lint slurm clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --extra test --python $(PYTHON)
+	touch $@
+
+env: $(VENV)/.synced
+
+demo: env
+	$(VENV)/bin/drp demo --data data
+
+# A real single-node Slurm for the Slurm site test, when this machine allows it (root, Debian).
+slurm:
+	@bash .ci/slurm.sh || echo "make test: no Slurm here; the Slurm test will be skipped"
+
+test: env slurm
+	$(VENV)/bin/python -m pytest -ra
+
+bench: env
+	$(VENV)/bin/python bench/overhead.py
+	$(VENV)/bin/python bench/isr.py
+
+lint: env
+	$(VENV)/bin/ruff check drp_flows tests bench
+
+clean:
+	rm -rf data build $(VENV) $(TOOLS)

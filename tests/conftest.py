@@ -1,0 +1,62 @@
+"""Shared fixtures: a Prefect API for the session, a small simulated survey, three local sites."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import drp_flows  # noqa: F401  (offline Prefect defaults before Prefect is imported)
+from drp_flows.tasks.simulate import SurveyConfig, simulate_survey
+
+# Small but real: 384 px CCDs, one night, one visit per tract (6 visits, 54 CCDs, all bands).
+TEST_SURVEY = SurveyConfig(ccd_size=384, nights=1, rounds_per_night=1, n_bias=3, n_dark=2,
+                           n_flat=2)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("PREFECT_HOME", str(Path(config.rootpath) / "build" / "prefect-test"))
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One ephemeral Prefect API (SQLite) for all tests that run flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def survey(tmp_path_factory) -> Path:
+    return simulate_survey(TEST_SURVEY, tmp_path_factory.mktemp("survey"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, monkeypatch_session) -> Path:
+    path = tmp_path_factory.mktemp("sites")
+    monkeypatch_session.setenv("DRP_DATA", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def local_sites(prefect_api, survey, data_dir) -> str:
+    """The embedded default (usdf, frdf, ukdf) set up from the test survey."""
+    from drp_flows.flows.setup import setup_flow
+    from drp_flows.sites.config import LOCAL_SITES
+
+    setup_flow(str(LOCAL_SITES), str(survey))
+    return str(LOCAL_SITES)
+
+
+def have(command: str) -> bool:
+    return shutil.which(command) is not None

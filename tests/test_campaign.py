@@ -1,0 +1,106 @@
+"""The stage-1 campaign on the three local sites, through Prefect, against the real Butler."""
+
+import json
+
+import pytest
+from astropy.io import fits
+from lsst.daf.butler import Butler
+
+from drp_flows.sites.butler import open_butler
+from drp_flows.sites.config import load_sites
+from drp_flows.tasks.camera import INSTRUMENT
+
+CAMPAIGN = "test1"
+
+
+@pytest.fixture(scope="module")
+def corrupt(local_sites):
+    """Truncate one raw in frdf's datastore: that CCD must be quarantined, the rest go on."""
+    site = load_sites(local_sites)["frdf"]
+    butler = open_butler(site)
+    ref = sorted(butler.registry.queryDatasets("raw", collections="ComCamSim/raw/all"),
+                 key=lambda r: (r.dataId["exposure"], r.dataId["detector"]))[4]
+    path = butler.getURI(ref).ospath
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+    return {"visit": int(ref.dataId["exposure"]), "detector": int(ref.dataId["detector"]),
+            "path": path}
+
+
+@pytest.fixture(scope="module")
+def result(local_sites, survey, corrupt):
+    from drp_flows.flows.campaign import campaign_flow
+
+    return campaign_flow(local_sites, CAMPAIGN, survey=str(survey))
+
+
+def test_every_site_ran_its_share(result, local_sites):
+    sites = load_sites(local_sites)
+    steps = {(r["site"], r["step"]) for r in result["progress"]}
+    assert steps == {(s, st) for s in sites.sites for st in ("calibrateImage",
+                                                             "consolidateVisitSummary")}
+    for name, site in sites.sites.items():
+        butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+        raws = list(butler.registry.queryDatasets("raw", collections="ComCamSim/raw/all"))
+        images = list(butler.registry.queryDatasets("preliminary_visit_image"))
+        visits = {r.dataId["exposure"] for r in raws}
+        expected = 9 * len(visits) - (1 if name == "frdf" else 0)
+        assert len(images) == expected
+        # each site holds the visits aimed at its own tracts
+        for ref in images:
+            assert ref.dataId["visit"] in visits
+        summaries = list(butler.registry.queryDatasets("preliminary_visit_summary"))
+        assert len(summaries) == len(visits)
+
+
+def test_outputs_readable_with_the_butler(result, local_sites):
+    site = load_sites(local_sites)["usdf"]
+    butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+    ref = next(iter(butler.registry.queryDatasets("preliminary_visit_image")))
+    hdul = butler.get(ref)
+    assert isinstance(hdul, fits.HDUList) and hdul["IMAGE"].data.shape == (384, 384)
+    summary = butler.get("preliminary_visit_summary", instrument=INSTRUMENT,
+                         visit=ref.dataId["visit"])
+    assert len(summary) == 9 and (summary["m5"] > 20).all()
+    stars = butler.get("single_visit_star", instrument=INSTRUMENT, visit=ref.dataId["visit"])
+    assert set(stars["detector"]) == set(range(9))
+
+
+def test_corrupt_raw_quarantined_rest_processed(result, corrupt, local_sites):
+    failed = [f for f in result["quarantined"]]
+    assert len(failed) == 1
+    f = failed[0]
+    assert f["site"] == "frdf" and f["step"] == "calibrateImage"
+    assert f["data_id"] == {"visit": corrupt["visit"], "detector": corrupt["detector"]}
+    assert "corrupt raw" in f["error"] and corrupt["path"] in f["error"]
+    frdf = [r for r in result["progress"] if r["site"] == "frdf"]
+    calib = next(r for r in frdf if r["step"] == "calibrateImage")
+    assert calib["failed"] == 1 and calib["done"] == calib["total"] - 1
+    # the visit with the bad CCD is still consolidated, from its 8 good detectors
+    site = load_sites(local_sites)["frdf"]
+    butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+    summary = butler.get("preliminary_visit_summary", instrument=INSTRUMENT, visit=corrupt["visit"])
+    assert len(summary) == 8 and corrupt["detector"] not in summary["detector"]
+    report = site.store.join("reports", CAMPAIGN)
+    files = site.store.fs.glob(site.store.path(report) + "/quarantine-*.json")
+    listed = [json.loads(site.store.fs.cat(p)) for p in files]
+    assert any(e["data_id"]["detector"] == corrupt["detector"] for lst in listed for e in lst)
+
+
+def test_qa_against_truth(result):
+    checks = {c["metric"]: c for c in result["qa"]}
+    assert checks["single-frame WCS vs truth (bright stars, rms)"]["pass"], checks
+    assert checks["single-frame zeropoint vs truth (rms)"]["pass"], checks
+    assert result["qa_report"].endswith("qa.md")
+
+
+def test_rerun_skips_finished_quanta(result, local_sites):
+    from drp_flows.flows.campaign import campaign_flow
+
+    again = campaign_flow(local_sites, CAMPAIGN)
+    for row in again["progress"]:
+        if row["step"] == "calibrateImage" and row["site"] == "frdf":
+            # only the quarantined CCD is tried again (and fails again)
+            assert row["done"] == 0 and row["failed"] == 1
+        else:
+            assert row["done"] == 0 and row["failed"] == 0 and row["skipped"] == row["total"]

@@ -1,0 +1,72 @@
+"""Site files: the embedded default loads; bad files fail with the file and the key named."""
+
+from pathlib import Path
+
+import pytest
+
+from drp_flows.sites.config import LOCAL_SITES, ConfigError, load_sites
+
+PRODUCTION = LOCAL_SITES.with_name("production.yaml")
+
+
+def test_local_sites_load(tmp_path):
+    sites = load_sites(LOCAL_SITES, DRP_DATA=str(tmp_path))
+    assert sites.campaign_site == "usdf"
+    assert set(sites.sites) == {"usdf", "frdf", "ukdf"}
+    assert sites["usdf"].embargo and not sites["frdf"].embargo
+    assert sites["frdf"].store.root == f"file://{tmp_path}/frdf"
+    owned = {name: [t for t in range(6) if s.owns_tract(t, 0.0)] for name, s in sites.sites.items()}
+    assert owned == {"usdf": [0, 1], "frdf": [2, 3], "ukdf": [4, 5]}
+
+
+def test_production_example_validates():
+    sites = load_sites(PRODUCTION)
+    usdf = sites["usdf"]
+    assert usdf.cluster.kind == "slurm"
+    assert usdf.cluster.backend_kwargs["queue"] == "roma"       # passes through to dask-jobqueue
+    assert usdf.long_cluster.backend_kwargs["walltime"] == "14:00:00"
+    assert sites["frdf"].store.scheme == "s3"
+    assert sites["ukdf"].cluster.address.startswith("tcp://")
+    assert usdf.owns_tract(0, -60.0) and not usdf.owns_tract(0, -20.0)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sites.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD_SITE = "cluster: {kind: local}\n    storage: file:///tmp/x"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    colour: red\n",
+     "sites.a.colour: Extra inputs are not permitted"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: pbs}\n    storage: file:///tmp/x\n",
+     "sites.a.cluster.kind"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: address}\n    storage: file:///tmp/x\n",
+     "kind 'address' needs an 'address'"),
+    (f"campaign_site: b\nsites:\n  a:\n    {GOOD_SITE}\n", "campaign_site 'b' is not one of"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n", "sites.a.storage: Field required"),
+    ("campaign_site: a\nsites: [\n", "not valid YAML"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: ${NOPE_NOT_SET}\n",
+     "variable ${NOPE_NOT_SET} is not set"),
+])
+def test_bad_site_file_names_file_and_key(tmp_path, text, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_sites(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_site_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read site file"):
+        load_sites(tmp_path / "nope.yaml")
+
+
+def test_bad_storage_scheme(tmp_path):
+    path = _write(tmp_path, "campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n"
+                            "    storage: ftp://host/x\n")
+    with pytest.raises(ConfigError, match=r"sites.a.storage: .*scheme 'ftp' is not one of"):
+        load_sites(path)

@@ -1,0 +1,131 @@
+"""Step 1 science on simulated CCDs, checked against the truth (SCIENCE.md targets)."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from drp_flows.tasks import calibs
+from drp_flows.tasks.calibrate import CalibrationError, calibrate
+from drp_flows.tasks.camera import PHYSICAL_FILTERS
+from drp_flows.tasks.isr import run_isr
+from drp_flows.tasks.psf import add_point_sources, fit_fwhm, psf_flux
+from drp_flows.tasks.simulate import load_survey, response
+from drp_flows.tasks.skymap import header_wcs
+
+
+@pytest.fixture(scope="module")
+def masters(survey):
+    cfg, _ = load_survey(survey)
+    cam, raw = cfg.camera, survey / "calib_raw"
+
+    def frames(pattern):
+        return [fits.open(p) for p in sorted(raw.glob(pattern))]
+
+    out = {}
+    for d in cam.detectors:
+        bias = calibs.master_bias(frames(f"bias_*_{d}.fits"), cam, d)
+        dark = calibs.master_dark(frames(f"dark_*_{d}.fits"), cam, d, bias)
+        out[d] = {"bias": bias, "dark": dark}
+    for band in cfg.bands:
+        flats = calibs.normalize_flats({d: calibs.master_flat(frames(f"flat_{band}_*_{d}.fits"), cam,
+                                                              d, out[d]["bias"], out[d]["dark"])
+                                        for d in cam.detectors})
+        for d, f in flats.items():
+            out[d][band] = f
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(survey, masters):
+    """Every CCD of the test survey through ISR and calibrate, with its truth row."""
+    cfg, _ = load_survey(survey)
+    truth = Table.read(survey / "truth" / "ccd_visits.parquet")
+    refcat = Table.read(survey / "refcat" / "refcat.parquet")
+    out = []
+    for row in truth:
+        d, band = int(row["detector"]), row["band"]
+        raw = fits.open(survey / "raw" / f"raw_{row['visit']}_{d}.fits")
+        post = run_isr(raw, cfg.camera, d, masters[d]["bias"], masters[d]["dark"], masters[d][band])
+        out.append((row, post, *calibrate(post, refcat, band)))
+    return out
+
+
+def test_master_flat_follows_the_response(survey, masters):
+    cfg, _ = load_survey(survey)
+    resp = response(cfg.camera, 0)
+    ratio = masters[0]["r"] / resp
+    assert np.std(ratio) / np.mean(ratio) < 0.01                # flat sees vignetting + QE
+
+
+def test_isr_removes_bias_and_gain(calibrated):
+    # on the brightest sky (y band, ~3 ke-) amp-to-amp steps from bias (1000-25000 ADU) or
+    # gain (1.17-1.45 e-/ADU, a 10% error would be 300 e-) must be gone
+    row, post, image, _ = max(calibrated, key=lambda c: np.median(c[1].image))
+    amp_w = post.image.shape[1] // 8
+    medians = [np.median(post.image[:, i * amp_w:(i + 1) * amp_w]) for i in range(8)]
+    assert np.ptp(medians) / np.median(medians) < 0.01
+    assert post.metadata["BAND"] == row["band"]
+
+
+def test_zeropoint_against_truth(calibrated):
+    err = np.array([(im.metadata["ZP"] - row["zp_true"]) * 1000 for row, _, im, _ in calibrated])
+    assert np.sqrt(np.mean(err ** 2)) <= 10.0, err
+
+
+def test_wcs_against_truth(calibrated, survey):
+    stars_truth = Table.read(survey / "truth" / "stars.parquet")
+    stars_truth.add_index("id")
+    sq = []
+    for row, _, image, stars in calibrated:
+        bright = stars[(stars["snr"] >= 50) & (stars["ref_id"] >= 0)]
+        true = stars_truth.loc[bright["ref_id"]]
+        true_wcs = header_wcs(fits.Header.fromstring(row["wcs"]))
+        tx, ty = true_wcs.all_world2pix(true["ra"], true["dec"], 0)
+        ra, dec = image.wcs.all_pix2world(tx, ty, 0)
+        sq.append(((ra - true["ra"]) * np.cos(np.radians(true["dec"])) * 3.6e6) ** 2
+                  + ((dec - true["dec"]) * 3.6e6) ** 2)
+    rms = np.sqrt(np.mean(np.concatenate(sq)))
+    assert rms <= 10.0, rms
+
+
+def test_psf_measured(calibrated, survey):
+    _, visits = load_survey(survey)
+    seeing = dict(zip(visits["visit"], visits["seeing"], strict=True))
+    for row, _, image, _ in calibrated:
+        assert abs(image.metadata["PSF_FWHM"] / seeing[row["visit"]] - 1) < 0.03
+
+
+def test_outputs_have_rubin_planes(calibrated):
+    _, _, image, stars = calibrated[0]
+    hdul = image.to_hdulist()
+    assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "MASK", "VARIANCE"]
+    assert hdul["IMAGE"].header["CTYPE1"].startswith("RA---TAN")
+    assert (hdul["MASK"].data & (1 << 5)).any()                 # DETECTED plane set
+    assert {"ra", "dec", "psf_flux", "psf_flux_err", "mag"} <= set(stars.colnames)
+
+
+def test_psf_flux_unbiased_at_low_snr():
+    """Weights from the background variance: no faint-flux bias (it was 2% at S/N 30)."""
+    rng = np.random.default_rng(3)
+    img = np.full((500, 500), 30.0)
+    g = np.meshgrid(np.arange(10) * 50 + 25, np.arange(10) * 50 + 25)
+    x, y = g[0].ravel() + rng.uniform(-.5, .5, 100), g[1].ravel() + rng.uniform(-.5, .5, 100)
+    add_point_sources(img, x, y, np.full(100, 3000.0), 4.0)
+    noisy = rng.poisson(img) + rng.normal(0, 7.9, img.shape)
+    flux, err = psf_flux(noisy - 30.0, np.full(img.shape, 30.0 + 62.4), x, y, 4.0,
+                         variance=np.maximum(noisy, 0) + 62.4)
+    assert abs(np.mean(flux) / 3000 - 1) < 3 * np.std(flux) / 3000 / 10
+    assert abs(np.median(fit_fwhm(noisy - 30.0, np.full(img.shape, 92.4), x, y, 5.0)) / 4 - 1) < 0.02
+
+
+def test_blank_ccd_is_a_clear_error(calibrated):
+    _, post, _, _ = calibrated[0]
+    blank = type(post)(image=np.zeros_like(post.image) + 1.0, variance=post.variance,
+                       mask=post.mask, wcs=post.wcs, metadata=post.metadata)
+    with pytest.raises(CalibrationError, match="stars to measure the PSF"):
+        calibrate(blank, Table({"coord_ra": [0.0], "coord_dec": [0.0]}), "r")
+
+
+def test_physical_filters_complete():
+    assert set(PHYSICAL_FILTERS) == set("ugrizy")
