@@ -17,7 +17,9 @@ TEST_SURVEY = SurveyConfig(ccd_size=384, nights=1, rounds_per_night=1, n_bias=3,
 
 
 def pytest_configure(config):
-    os.environ.setdefault("PREFECT_HOME", str(Path(config.rootpath) / "build" / "prefect-test"))
+    home = Path(os.environ.setdefault("PREFECT_HOME",
+                                      str(Path(config.rootpath) / "build" / "prefect-test")))
+    home.mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,7 @@ def create_repo(site: SiteConfig) -> Butler:
                                                   "root": site.store.butler_uri("repo")}})
     if site.butler.registry:
         config["registry"] = _registry_config(site)
-    Butler.makeRepo(str(repo), config=config)
+    Butler.makeRepo(str(repo), config=config, forceConfigRoot=False)   # keep our datastore root
     butler = Butler.from_config(str(repo), writeable=True)
     register_dataset_types(butler)
     return butler

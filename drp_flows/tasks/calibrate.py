@@ -5,7 +5,8 @@ Recipe from SCIENCE.md: sep background in 128 px cells and 5-sigma peaks of the 
 significance image; windowed centroids; PSF (optimal) total fluxes from a fitted
 Moffat model; refcat match by offset voting then nearest neighbour;
 TAN-SIP fit with astropy's fit_wcs_from_points (0-based pixels); photoCal-style zeropoint
-(3-sigma clipped median, 20 iterations) over reference stars with predicted S/N >= 25.
+(3-sigma clipped, 20 iterations, inverse-variance weighted) over reference stars with predicted
+S/N >= 15, selected and weighted on the reference magnitude so that noise cannot bias it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ BACKGROUND_CELL = 128
 MIN_REF_MATCHES = 8
 MIN_SIP_MATCHES = 20
 MIN_ZP_STARS = 5
-ZP_DEPTH_MARGIN = 1.75   # mag above the 5-sigma depth: predicted S/N >= 25
+ZP_DEPTH_MARGIN = 1.2    # mag above the 5-sigma depth: predicted S/N >= 15
 
 
 class CalibrationError(RuntimeError):
@@ -198,14 +199,16 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     def depth(zeropoint: float) -> float:
         return float(zeropoint - 2.5 * np.log10(5 * sky_noise * np.sqrt(nea)))
 
-    # Select on the reference magnitude, not the measured S/N: a cut on measured flux keeps
-    # stars that fluctuated up and biases the zeropoint bright by ~1-2% near the threshold.
+    # Select and weight on the reference magnitude, not the measured flux: a cut or a weight
+    # on the measured flux keeps stars that fluctuated up and biases the zeropoint bright.
     zp0 = sigma_clipped_stats(zp_points[snr[phot_idx] >= 10], sigma=3, maxiters=20)[1]
-    use = phot_ref[f"{band}_mag"] < depth(zp0) - ZP_DEPTH_MARGIN
+    ref_mag = np.asarray(phot_ref[f"{band}_mag"])
+    use = ref_mag < depth(zp0) - ZP_DEPTH_MARGIN
     if use.sum() < MIN_ZP_STARS:
         raise CalibrationError(f"only {use.sum()} reference stars bright enough for the zeropoint")
-    _, zp, zp_std = sigma_clipped_stats(zp_points[use], sigma=3, maxiters=20)
-    n_zp = int(use.sum())
+    zp, zp_err, n_zp = weighted_zeropoint(zp_points[use], ref_mag[use],
+                                          np.asarray(phot_ref[f"{band}_magErr"])[use], zp0,
+                                          nea * sky_noise ** 2)
     m5 = depth(zp)
 
     ra, dec = wcs.all_pix2world(x, y, 0)
@@ -223,7 +226,7 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     meta = exp.metadata.copy()
     for key, value, comment in [
         ("ZP", float(zp), "mag of 1 e- of PSF flux (flat-fielded)"),
-        ("ZP_ERR", float(zp_std / np.sqrt(max(n_zp, 1))), "mag"),
+        ("ZP_ERR", zp_err, "mag"),
         ("ZP_NSTAR", n_zp, "reference stars in the zeropoint"),
         ("APCORR", apcorr, "QA: 4-FWHM aperture / PSF flux, bright stars"),
         ("PSF_FWHM", fwhm * PIXEL_SCALE, "arcsec"),
@@ -236,6 +239,27 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     ]:
         meta[key] = (value, comment)
     return Exposure(image=image, variance=exp.variance, mask=mask, wcs=wcs, metadata=meta), stars
+
+
+def weighted_zeropoint(zp_points: np.ndarray, ref_mag: np.ndarray, ref_err: np.ndarray,
+                       zp0: float, noise_var: float) -> tuple[float, float, int]:
+    """Inverse-variance weighted zeropoint with 3-sigma clipping (20 iterations at most).
+
+    Errors are predicted from the reference magnitude, the first-pass zeropoint and the sky
+    noise (noise_var = NEA x sky variance), never from the measured flux.
+    """
+    flux = 10 ** (-0.4 * (ref_mag - zp0))
+    sigma = np.hypot(1.0857 * np.sqrt(flux + noise_var) / flux, ref_err)
+    keep = np.ones(len(zp_points), bool)
+    zp = zp0
+    for _ in range(20):
+        w = 1 / sigma[keep] ** 2
+        zp = float(np.sum(w * zp_points[keep]) / np.sum(w))
+        new = np.abs(zp_points - zp) < 3 * sigma
+        if (new == keep).all() or new.sum() < MIN_ZP_STARS:
+            break
+        keep = new
+    return zp, float(1 / np.sqrt(np.sum(1 / sigma[keep] ** 2))), int(keep.sum())
 
 
 def _touches(mask: np.ndarray, x, y, plane: int, radius: float) -> np.ndarray:

@@ -19,33 +19,39 @@ HOT_DARK = 1.0       # e-/s above which a pixel is BAD
 LOW_FLAT = 0.5
 
 
-def assemble(raw: fits.HDUList, camera: Camera, detector: int) -> tuple[np.ndarray, np.ndarray]:
-    """Overscan-subtracted, gain-corrected CCD image (e-) and its saturation map."""
-    n = camera.ccd_size
-    image = np.empty((n, n), np.float32)
-    saturated = np.zeros((n, n), bool)
-    gains = camera.gain(detector)
+def check_raw(raw: fits.HDUList, camera: Camera) -> None:
+    """A raw must have one HDU per amplifier with the camera's amp geometry."""
     if len(raw) != len(camera.amps) + 1:
-        raise ValueError(f"raw has {len(raw) - 1} amplifier HDUs, expected {len(camera.amps)}")
+        raise ValueError(f"{len(raw) - 1} amplifier HDUs, expected {len(camera.amps)}")
     for amp in camera.amps:
         data = raw[amp.index + 1].data
         if data is None or data.shape != amp.raw_shape:
             raise ValueError(f"amplifier {amp.index}: shape "
                              f"{None if data is None else data.shape}, expected {amp.raw_shape}")
+
+
+def assemble(raw: fits.HDUList, camera: Camera, detector: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overscan-subtracted, gain-corrected CCD image (e-) and its saturation map.
+
+    Each amplifier is written straight into the assembled image through flipped views, so
+    the only full-size passes are the subtraction, the gain and the saturation test.
+    """
+    n = camera.ccd_size
+    image = np.empty((n, n), np.float32)
+    saturated = np.empty((n, n), bool)
+    gains = camera.gain(detector)
+    check_raw(raw, camera)
+    for amp in camera.amps:
+        data = raw[amp.index + 1].data
         rows, cols = amp.serial_overscan_slice
         overscan = np.median(data[rows, cols.start + OVERSCAN_SKIP:cols.stop], axis=1)
-        sci = data[amp.data_slice]
-        block = (sci.astype(np.float32) - overscan[:, None].astype(np.float32)) * gains[amp.index]
-        image[amp.ccd_slice] = amp.to_ccd(block)
-        saturated[amp.ccd_slice] = amp.to_ccd(sci >= SATURATION_ADU)
+        sci = amp.to_ccd(data[amp.data_slice])                  # a view in CCD orientation
+        overscan = (overscan[::-1] if amp.flip_y else overscan).astype(np.float32)
+        out = image[amp.ccd_slice]
+        np.subtract(sci, overscan[:, None], out=out, casting="unsafe")
+        out *= np.float32(gains[amp.index])
+        np.greater_equal(sci, SATURATION_ADU, out=saturated[amp.ccd_slice])
     return image, saturated
-
-
-def read_noise_map(camera: Camera, detector: int) -> np.ndarray:
-    out = np.empty((camera.ccd_size,) * 2, np.float32)
-    for amp, rn in zip(camera.amps, camera.read_noise(detector), strict=True):
-        out[amp.ccd_slice] = rn
-    return out
 
 
 def run_isr(raw: fits.HDUList, camera: Camera, detector: int, bias: np.ndarray,
@@ -54,14 +60,16 @@ def run_isr(raw: fits.HDUList, camera: Camera, detector: int, bias: np.ndarray,
     image, saturated = assemble(raw, camera, detector)
     darktime = float(raw[0].header.get("DARKTIME", raw[0].header["EXPTIME"]))
     image -= bias
-    image -= dark * darktime
-    variance = np.maximum(image, 0) + read_noise_map(camera, detector) ** 2
-    good_flat = flat > LOW_FLAT
-    safe_flat = np.where(good_flat, flat, 1.0)
+    image -= np.float32(darktime) * dark
+    variance = np.maximum(image, 0)                            # Poisson, in e-
+    for amp, rn in zip(camera.amps, camera.read_noise(detector), strict=True):
+        variance[amp.ccd_slice] += np.float32(rn * rn)
+    bad = (dark > HOT_DARK) | (flat <= LOW_FLAT)
+    safe_flat = np.where(bad, np.float32(1), flat) if bad.any() else flat
     image /= safe_flat
-    variance /= safe_flat ** 2
-    mask = np.where(saturated, bit("SAT"), 0) | np.where(
-        (dark > HOT_DARK) | ~good_flat, bit("BAD"), 0)
-    return Exposure(image=image, variance=variance.astype(np.float32),
-                    mask=mask.astype(np.int32), wcs=header_wcs(raw[0].header),
+    variance /= safe_flat
+    variance /= safe_flat
+    mask = saturated.astype(np.int32) * bit("SAT")
+    mask[bad] |= bit("BAD")
+    return Exposure(image=image, variance=variance, mask=mask, wcs=header_wcs(raw[0].header),
                     metadata=raw[0].header.copy())

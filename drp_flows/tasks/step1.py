@@ -21,7 +21,7 @@ from drp_flows.tasks.calibrate import calibrate
 from drp_flows.tasks.camera import INSTRUMENT, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.images import read_fits
-from drp_flows.tasks.isr import run_isr
+from drp_flows.tasks.isr import check_raw, run_isr
 from drp_flows.tasks.quanta import OutputWriter, Quantum
 
 CALIBRATE = "calibrateImage"
@@ -151,6 +151,7 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
     try:
         raw = read_fits(storage, quantum.inputs["raw"])
         raw.verify("exception")
+        check_raw(raw, camera)
     except Exception as e:
         raise ValueError(f"corrupt raw {quantum.inputs['raw']}: {e}") from e
     post_isr = run_isr(raw, camera, detector, _calib_image(storage, quantum.inputs["bias"]),
