@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import drp_flows  # noqa: F401  (offline Prefect defaults)
 from distributed import Client, LocalCluster
 from lsst.daf.butler import Butler, DatasetType
 from prefect import flow, task
@@ -22,7 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
 from drp_flows.sites.storage import Storage
+from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.quanta import Quantum, cluster_quanta, run_batch
+from drp_flows.tasks.register import register_outputs
 
 FIXED_COST_S = 0.02
 BATCH = 1000
@@ -54,11 +55,11 @@ def prefect_quantum(i: int, cost: float) -> int:
 
 
 def make_butler(root: Path) -> Butler:
-    Butler.makeRepo(str(root))
+    Butler.makeRepo(str(root))   # a plain SQLite repo: what the engine pays at every site
     butler = Butler.from_config(str(root), writeable=True)
-    butler.registry.insertDimensionData("instrument", {"name": "Bench", "detector_max": 10**6})
+    butler.registry.insertDimensionData("instrument", {"name": INSTRUMENT, "detector_max": 10**6})
     butler.registry.insertDimensionData(
-        "detector", *[{"instrument": "Bench", "id": i, "full_name": str(i)} for i in range(10**4)])
+        "detector", *[{"instrument": INSTRUMENT, "id": i, "full_name": str(i)} for i in range(10**4)])
     butler.registry.registerDatasetType(DatasetType("bench_output", ("instrument", "detector"),
                                                     "StructuredDataDict",
                                                     universe=butler.dimensions))
@@ -67,8 +68,6 @@ def make_butler(root: Path) -> Butler:
 
 def engine(address: str, butler: Butler, storage: Storage, n: int, cost: float) -> float:
     """Batches of BATCH quanta, one Prefect task each, registration after each batch."""
-    from drp_flows.tasks import register
-
     run = f"bench/{n}/{cost}/{time.time_ns()}"
     quanta = [Quantum("bench", {"detector": i}, outputs={
         "bench_output": storage.join(run, f"{i}.yaml")}) for i in range(n)]
@@ -82,19 +81,10 @@ def engine(address: str, butler: Butler, storage: Storage, n: int, cost: float) 
     def engine_flow():
         futures = [batch_task.submit(b) for b in cluster_quanta(quanta, (), BATCH)]
         for f in futures:
-            results = f.result()
-            for r in results:
-                for m in r.outputs:
-                    m.data_id["instrument"] = "Bench"
-            register.register_outputs(butler, storage, results, run)
+            register_outputs(butler, storage, f.result(), run)
 
-    original = register.full_data_id
-    register.full_data_id = lambda dims, data_id: data_id
     start = time.perf_counter()
-    try:
-        engine_flow()
-    finally:
-        register.full_data_id = original
+    engine_flow()
     elapsed = time.perf_counter() - start
     assert len(list(butler.registry.queryDatasets("bench_output", collections=run))) == n
     return elapsed
@@ -140,7 +130,6 @@ def main():
                     t_prefect, how = ref["prefect"] / ref["n"] * n, "projected"
                 rows.append({"cost": cost, "n": n, "plain": t_plain, "engine": t_engine,
                              "prefect": t_prefect, "how": how})
-                r = rows[-1]
                 over_engine = (t_engine - t_plain) / n * 1e3
                 over_prefect = (t_prefect - t_plain) / n * 1e3
                 print(f"quantum={'no-op' if not cost else f'{cost * 1e3:.0f} ms'} n={n:>6}: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,10 @@ from drp_flows.sites.config import LOCAL_SITES
 
 app = typer.Typer(help="Multi-site Data Release Processing on Prefect and Dask.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
-console = Console()
+# a wide table when piped to a file or CI log, the terminal's width otherwise
+console = Console(width=None if sys.stdout.isatty() else 140)
+# Dask's scheduler and nanny INFO lines drown the flow logs; set before distributed is imported
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def _data_dir(data: Path | None) -> Path:

@@ -46,7 +46,7 @@ def test_slurm_site_runs_a_step1_batch(slurm, local_sites, tmp_path):
     visit = min(int(d["visit"]) for d in butler.registry.queryDataIds(
         ["visit"], datasets="raw", collections="ComCamSim/defaults", instrument=INSTRUMENT))
     run = "ComCamSim/runs/slurm-test/step1/one-visit/1"
-    quanta, _ = step1.plan_calibrate(butler, site.store, run, [visit], [])
+    quanta, _, _ = step1.plan_calibrate(butler, site.store, run, [visit], [])
     assert len(quanta) == 9
     cfg = ClusterConfig(kind="slurm", jobs=1, cores=1, processes=1, memory="1GB", queue="debug",
                         walltime="00:10:00", log_directory=str(tmp_path / "logs"),

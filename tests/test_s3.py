@@ -68,7 +68,8 @@ def test_s3_site_setup_and_campaign(prefect_api, survey, s3_site_file):
     (row,) = setup_flow(s3_site_file, str(survey))
     assert row["raws"] == 9 * row["visits"] and row["visits"] >= 1
     result = campaign_flow(s3_site_file, "s3test")
-    assert all(r["failed"] == 0 and r["done"] == r["total"] for r in result["progress"]), "\n".join(f["error"] for f in result["quarantined"])
+    errors = "\n".join(f["error"] for f in result["quarantined"])
+    assert all(r["failed"] == 0 and r["done"] == r["total"] for r in result["progress"]), errors
 
     site = load_sites(s3_site_file)["cloud"]
     site.store.butler_uri()          # this process's lsst.resources profile for the endpoint

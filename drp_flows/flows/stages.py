@@ -27,7 +27,7 @@ from drp_flows.sites.config import SiteConfig, load_sites
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks import step1
 from drp_flows.tasks.quanta import Quantum, QuantumResult, cluster_quanta, run_batch
-from drp_flows.tasks.register import register_outputs
+from drp_flows.tasks.register import Registration, register_outputs
 
 STAGE_STEPS = {"stage1": ["step1"]}
 
@@ -61,6 +61,13 @@ def run_batch_task(address: str, step: str, storage: Storage, config: dict,
         return run_batch(client, step1.STEP_FUNCTIONS[step], storage, config, quanta, token)
 
 
+@task(name="register outputs", cache_policy=NO_CACHE)
+def register_task(butler: Butler, storage: Storage, results: list[QuantumResult],
+                  run: str) -> Registration:
+    """Bulk registration of one batch's outputs; runs in the flow thread, the single writer."""
+    return register_outputs(butler, storage, results, run)
+
+
 def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: list[Quantum],
              run: str, config: dict, batch_size: int, progress: StepProgress) -> None:
     """Run the quanta of one step in batches and register each batch as it finishes."""
@@ -71,7 +78,7 @@ def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: 
                for i, batch in enumerate(batches)]
     for future in as_completed(futures):
         results = future.result()
-        register_outputs(butler, site.store, results, run)
+        register_task(butler, site.store, results, run)
         for r in results:
             if r.ok:
                 progress.done += 1
@@ -124,23 +131,14 @@ def stage_flow(site_file: str, site: str, campaign: str, group: str, visits: lis
         run = group_run(campaign, step, group, attempt)
         butler.registry.registerRun(run)
         chain_run(butler, campaign, run)
-        calib_q, calib_skip = step1.plan_calibrate(butler, site_cfg.store, run, visits, done_in)
-        p = StepProgress(site, step1.CALIBRATE, group, total=len(calib_q) + calib_skip,
-                         skipped=calib_skip)
-        start = time.perf_counter()
-        run_step(butler, site_cfg, address, step1.CALIBRATE, calib_q, run, config, batch_size, p)
-        p.seconds = time.perf_counter() - start
-        progress.append(p)
-
-        cons_q, cons_skip, blocked = step1.plan_consolidate(butler, site_cfg.store, run, visits,
-                                                            done_in)
-        p = StepProgress(site, step1.CONSOLIDATE, group,
-                         total=len(cons_q) + cons_skip + len(blocked), skipped=cons_skip,
-                         blocked=len(blocked))
-        start = time.perf_counter()
-        run_step(butler, site_cfg, address, step1.CONSOLIDATE, cons_q, run, config, batch_size, p)
-        p.seconds = time.perf_counter() - start
-        progress.append(p)
+        for label, plan in step1.PLANNERS.items():
+            quanta, skipped, blocked = plan(butler, site_cfg.store, run, visits, done_in)
+            p = StepProgress(site, label, group, total=len(quanta) + skipped + len(blocked),
+                             skipped=skipped, blocked=len(blocked))
+            start = time.perf_counter()
+            run_step(butler, site_cfg, address, label, quanta, run, config, batch_size, p)
+            p.seconds = time.perf_counter() - start
+            progress.append(p)
     report = quarantine(site_cfg, campaign, group, progress)
     failed = sum(p.failed for p in progress)
     if failed:

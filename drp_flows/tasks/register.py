@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from lsst.daf.butler import Butler, DatasetRef, FileDataset
 
-from drp_flows.datamodel import DATASET_TYPES
 from drp_flows.sites.butler import formatter_for
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
@@ -25,10 +24,6 @@ class Registration:
     ingested: int = 0
     skipped: int = 0
     seconds: float = 0.0
-
-
-def full_data_id(spec_dims: tuple[str, ...], data_id: dict) -> dict:
-    return {"instrument": INSTRUMENT, **data_id} if "instrument" in spec_dims else dict(data_id)
 
 
 def registered_keys(butler: Butler, run: str, dataset_types: set[str]) -> set[tuple]:
@@ -48,17 +43,20 @@ def register_outputs(butler: Butler, storage: Storage, results: list[QuantumResu
     if not manifests:
         return reg
     butler.registry.registerRun(run)
-    existing = registered_keys(butler, run, {m.dataset_type for m in manifests})
+    types = {name: butler.get_dataset_type(name) for name in {m.dataset_type for m in manifests}}
+    existing = registered_keys(butler, run, set(types))
     datasets = []
     for m in manifests:
-        spec = DATASET_TYPES[m.dataset_type]
-        data_id = butler.registry.expandDataId(full_data_id(spec.dimensions, m.data_id))
-        if (m.dataset_type, tuple(sorted(data_id.required.items()))) in existing:
+        dataset_type = types[m.dataset_type]
+        data_id = m.data_id
+        if "instrument" in dataset_type.dimensions.names and "instrument" not in data_id:
+            data_id = {"instrument": INSTRUMENT, **data_id}
+        ref = DatasetRef(dataset_type, data_id, run=run)
+        if (m.dataset_type, tuple(sorted(ref.dataId.required.items()))) in existing:
             reg.skipped += 1
             continue
-        ref = DatasetRef(butler.get_dataset_type(m.dataset_type), data_id, run=run)
         datasets.append(FileDataset(path=storage.butler_uri_of(m.uri), refs=[ref],
-                                    formatter=formatter_for(spec.storage_class)))
+                                    formatter=formatter_for(dataset_type.storageClass_name)))
     if datasets:
         butler.ingest(*datasets, transfer=None)
     reg.ingested = len(datasets)

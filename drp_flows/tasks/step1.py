@@ -64,12 +64,13 @@ def _key(data_id: dict) -> tuple:
 
 
 def plan_calibrate(butler: Butler, storage: Storage, run: str, visits: list[int],
-                   done_collections: list[str]) -> tuple[list[Quantum], int]:
-    """calibrateImage quanta for the visits' raws, minus those whose outputs are registered."""
+                   done_collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+    """calibrateImage quanta for the visits' raws, minus those whose outputs are registered.
+    Returns (quanta, skipped, blocked); nothing blocks a CCD at the head of the pipeline."""
     outputs = ("preliminary_visit_image", "single_visit_star_unstandardized")
     done = set.intersection(*[registered(butler, done_collections, o) for o in outputs])
     if not visits:
-        return [], 0
+        return [], 0, []
     raws = butler.registry.queryDatasets(
         "raw", collections=DEFAULTS, instrument=INSTRUMENT,
         where=f"exposure IN ({', '.join(str(v) for v in visits)})")
@@ -100,7 +101,7 @@ def plan_calibrate(butler: Butler, storage: Storage, run: str, visits: list[int]
         inputs["refcat"] = shard_cache[visit]
         quanta.append(Quantum(CALIBRATE, data_id, inputs,
                               {o: output_uri(storage, run, o, data_id) for o in outputs}))
-    return quanta, skipped
+    return quanta, skipped, []
 
 
 def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[int],
@@ -192,5 +193,7 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
 
 
 STEP_FUNCTIONS = {CALIBRATE: calibrate_image, CONSOLIDATE: consolidate_visit}
+# the order in which step 1's labels are planned and run (each sees the previous one's outputs)
+PLANNERS = {CALIBRATE: plan_calibrate, CONSOLIDATE: plan_consolidate}
 # BPS-style clustering dimensions of each step's quanta
 CLUSTER_DIMENSIONS = {CALIBRATE: ("visit",), CONSOLIDATE: ()}
