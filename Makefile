@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/build/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 
-.PHONY: env demo test bench lint slurm clean
+.PHONY: env demo test bench lint slurm services clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -25,11 +25,15 @@ env: $(VENV)/.synced
 demo: env
 	$(VENV)/bin/drp demo --data data
 
+# A PostgreSQL server with a drp_test database, for the PostgreSQL registry test.
+services:
+	@bash .ci/postgres.sh || echo "make test: no PostgreSQL here; the PostgreSQL test will be skipped"
+
 # A real single-node Slurm for the Slurm site test, when this machine allows it (root, Debian).
 slurm:
 	@bash .ci/slurm.sh || echo "make test: no Slurm here; the Slurm test will be skipped"
 
-test: env slurm
+test: env slurm services
 	$(VENV)/bin/python -m pytest -ra
 
 bench: env

@@ -7,7 +7,6 @@ between sites slot in after stage 1 (see ARCHITECTURE.md, the six data movements
 
 from __future__ import annotations
 
-import re
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection
-from drp_flows.flows.stages import StepProgress, progress_markdown, stage_flow
+from drp_flows.flows.stages import StepProgress, artifact_key, progress_markdown, stage_flow
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import running_cluster
 from drp_flows.sites.config import LOCAL_SITES, load_sites
@@ -53,10 +52,6 @@ def stage_at_site(site_file: str, site: str, campaign: str, address: str, stage:
     return progress
 
 
-def _key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower())
-
-
 @task(name="QA against truth", cache_policy=NO_CACHE)
 def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str]:
     """Step-1 QA over every site's outputs, published at the campaign site."""
@@ -70,7 +65,7 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
             store.put_file(str(path), store.join("reports", campaign, "qa", path.name))
     report = store.join("reports", campaign, "qa", "qa.md")
     create_markdown_artifact(_qa_markdown(qa.checks()),
-                             key=_key(f"qa-{campaign}"), description=f"QA of campaign {campaign}")
+                             key=artifact_key(f"qa-{campaign}"), description=f"QA of campaign {campaign}")
     return qa.checks(), report
 
 
@@ -99,7 +94,7 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
         rows = [row for f in futures.values() for row in f.result()]
     table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
                                for r in rows])
-    create_markdown_artifact(f"# Campaign {campaign}\n\n{table}\n", key=_key(f"campaign-{campaign}"),
+    create_markdown_artifact(f"# Campaign {campaign}\n\n{table}\n", key=artifact_key(f"campaign-{campaign}"),
                              description=f"progress of campaign {campaign}")
     result = {"campaign": campaign, "progress": rows,
               "quarantined": [f | {"step": r["step"], "site": r["site"]}

@@ -107,6 +107,11 @@ def quarantine(site: SiteConfig, campaign: str, group: str, progress: list[StepP
     return uri
 
 
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower())
+
+
 def progress_markdown(rows: list[StepProgress]) -> str:
     lines = ["| site | step | group | total | done | skipped | failed | blocked | % | seconds |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -145,6 +150,6 @@ def stage_flow(site_file: str, site: str, campaign: str, group: str, visits: lis
         logger.warning("site %s group %s: %d quanta failed, quarantined in %s",
                        site, group, failed, report)
     create_markdown_artifact(progress_markdown(progress),
-                             key=re.sub(r"[^a-z0-9-]+", "-", f"progress-{site}-{group}".lower()),
+                             key=artifact_key(f"progress-{site}-{group}"),
                              description=f"{campaign}: {stage} at {site}, group {group}")
     return [asdict(p) | {"percent": p.percent} for p in progress]

@@ -1,7 +1,7 @@
 """Registration (BPS's finalJob): bulk, idempotent ingest of quantum manifests into a Butler.
 
 Workers wrote the files inside the site's datastore root; registration records them in place
-(transfer=None), one call per batch, skipping datasets that are already registered in the run.
+(transfer=None), one call per batch, skipping datasets that are already registered.
 It runs in the flow process, the only writer of the site's registry.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lsst.daf.butler import Butler, DatasetRef, FileDataset
+from lsst.daf.butler import Butler, DatasetIdGenEnum, DatasetRef, FileDataset
 
 from drp_flows.sites.butler import formatter_for
 from drp_flows.sites.storage import Storage
@@ -21,22 +21,18 @@ from drp_flows.tasks.quanta import OutputManifest, QuantumResult
 @dataclass
 class Registration:
     run: str
-    ingested: int = 0
-    skipped: int = 0
+    datasets: int = 0      # registered now or already present
     seconds: float = 0.0
-
-
-def registered_keys(butler: Butler, run: str, dataset_types: set[str]) -> set[tuple]:
-    """(dataset type, data ID) pairs already in a run."""
-    keys = set()
-    for name in dataset_types:
-        for ref in butler.registry.queryDatasets(name, collections=run, findFirst=True):
-            keys.add((name, tuple(sorted(ref.dataId.required.items()))))
-    return keys
 
 
 def register_outputs(butler: Butler, storage: Storage, results: list[QuantumResult],
                      run: str) -> Registration:
+    """Ingest the outputs of a batch's successful quanta in one call.
+
+    Dataset IDs are derived from (dataset type, data ID, run), so an output registered before
+    (a re-run, a retried batch) has the same ID and is skipped by the Butler itself: the cost
+    stays proportional to the batch, never to what the run already holds.
+    """
     start = time.perf_counter()
     manifests: list[OutputManifest] = [m for r in results if r.ok for m in r.outputs]
     reg = Registration(run)
@@ -44,21 +40,17 @@ def register_outputs(butler: Butler, storage: Storage, results: list[QuantumResu
         return reg
     butler.registry.registerRun(run)
     types = {name: butler.get_dataset_type(name) for name in {m.dataset_type for m in manifests}}
-    existing = registered_keys(butler, run, set(types))
     datasets = []
     for m in manifests:
         dataset_type = types[m.dataset_type]
         data_id = m.data_id
         if "instrument" in dataset_type.dimensions.names and "instrument" not in data_id:
             data_id = {"instrument": INSTRUMENT, **data_id}
-        ref = DatasetRef(dataset_type, data_id, run=run)
-        if (m.dataset_type, tuple(sorted(ref.dataId.required.items()))) in existing:
-            reg.skipped += 1
-            continue
+        ref = DatasetRef(dataset_type, data_id, run=run,
+                         id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
         datasets.append(FileDataset(path=storage.butler_uri_of(m.uri), refs=[ref],
                                     formatter=formatter_for(dataset_type.storageClass_name)))
-    if datasets:
-        butler.ingest(*datasets, transfer=None)
-    reg.ingested = len(datasets)
+    butler.ingest(*datasets, transfer=None, skip_existing=True)
+    reg.datasets = len(datasets)
     reg.seconds = time.perf_counter() - start
     return reg
