@@ -38,6 +38,8 @@ DATASET_TYPES = {d.name: d for d in [
                     "ArrowAstropy"),
     DatasetTypeSpec("single_visit_star", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("preliminary_visit_summary", ("instrument", "visit"), "ArrowAstropy"),
+    DatasetTypeSpec("isolated_star", ("skymap", "tract"), "ArrowAstropy"),
+    DatasetTypeSpec("isolated_star_source", ("skymap", "tract"), "ArrowAstropy"),
 ]}
 
 REFCAT = "the_monster_sim"

@@ -37,8 +37,8 @@ def result(local_sites, survey, corrupt):
 def test_every_site_ran_its_share(result, local_sites):
     sites = load_sites(local_sites)
     steps = {(r["site"], r["step"]) for r in result["progress"]}
-    assert steps == {(s, st) for s in sites.sites for st in ("calibrateImage",
-                                                             "consolidateVisitSummary")}
+    assert steps == {(s, st) for s in sites.sites for st in (
+        "calibrateImage", "consolidateVisitSummary", "isolatedStarAssociation")}
     for name, site in sites.sites.items():
         butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
         raws = list(butler.registry.queryDatasets("raw", collections="ComCamSim/raw/all"))
@@ -104,3 +104,36 @@ def test_rerun_skips_finished_quanta(result, local_sites):
             assert row["done"] == 0 and row["failed"] == 1
         else:
             assert row["done"] == 0 and row["failed"] == 0 and row["skipped"] == row["total"]
+
+
+def test_isolated_stars_per_tract_against_truth(result, local_sites, survey):
+    """Each site associates the stars of its own tracts; every association is one true star."""
+    import numpy as np
+    from astropy.table import Table
+    from scipy.spatial import cKDTree
+
+    from drp_flows.tasks.isolated_stars import chord, unit_vectors
+
+    truth = Table.read(survey / "truth" / "stars.parquet")
+    tree = cKDTree(unit_vectors(np.asarray(truth["ra"]), np.asarray(truth["dec"])))
+    rows = [r for r in result["progress"] if r["step"] == "isolatedStarAssociation"]
+    assert {r["site"] for r in rows} == {"usdf", "frdf", "ukdf"}
+    assert all(r["done"] == r["total"] == 2 for r in rows)
+    repeated = 0
+    for site in load_sites(local_sites).sites.values():
+        butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+        refs = list(butler.registry.queryDatasets("isolated_star"))
+        assert sorted(r.dataId["tract"] for r in refs) == sorted(site.sky.tracts)
+        for ref in refs:
+            stars = butler.get(ref)
+            sources = butler.get("isolated_star_source", dataId=ref.dataId)
+            assert len(stars) > 50
+            # each star is one true star (within 0.3": 3 sigma at S/N 10), isolated from others
+            dist, idx = tree.query(unit_vectors(np.asarray(stars["ra"]), np.asarray(stars["dec"])))
+            assert np.mean(dist < chord(0.3)) > 0.97
+            # every observation of a star lies on that star (purity of the association)
+            sdist, sidx = tree.query(unit_vectors(np.asarray(sources["ra"]),
+                                                  np.asarray(sources["dec"])))
+            assert np.mean(sidx == idx[np.asarray(sources["isolated_star_id"])]) > 0.99
+            repeated += int((stars["nsource"] >= 2).sum())
+    assert repeated > 100          # stars seen on more than one visit: what step 2 fits

@@ -20,8 +20,10 @@ from drp_flows.flows.stages import StepProgress, artifact_key, progress_markdown
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import running_cluster
 from drp_flows.sites.config import LOCAL_SITES, load_sites
+from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.qa import step1_qa, write_report
+from drp_flows.tasks.skymap import MiniSkymap
 
 
 def site_visits(site_file: str, site: str) -> list[int]:
@@ -40,15 +42,27 @@ def make_groups(visits: list[int], group_size: int) -> dict[str, list[int]]:
     return {f"{c[0]}-{c[-1]}": c for c in chunks}
 
 
+def site_tracts(site_file: str, site: str) -> list[int]:
+    """The tracts of a site's sky share."""
+    site_cfg = load_sites(site_file)[site]
+    sky = MiniSkymap(**step1.skymap_config(open_butler(site_cfg)))
+    return [t for t in sky.tracts if site_cfg.owns_tract(t, sky.tract_center(t)[1])]
+
+
 @task(name="stage at site", cache_policy=NO_CACHE)
 def stage_at_site(site_file: str, site: str, campaign: str, address: str, stage: str,
                   group_size: int, batch_size: int) -> list[dict]:
-    """All groups of one stage at one site, one stage flow run per group."""
+    """All groups of one stage at one site: one stage flow run per group of visits, then one
+    for the site's tracts (steps that need every visit of a tract)."""
     groups = make_groups(site_visits(site_file, site), group_size)
     progress = []
     for name, visits in groups.items():
         progress += stage_flow(site_file, site, campaign, name, visits, address, stage=stage,
                                batch_size=batch_size)
+    tracts = site_tracts(site_file, site)
+    if tracts:
+        progress += stage_flow(site_file, site, campaign, "tracts-" + "-".join(map(str, tracts)),
+                               [], address, stage=stage, batch_size=batch_size, tracts=tracts)
     return progress
 
 

@@ -124,20 +124,22 @@ def progress_markdown(rows: list[StepProgress]) -> str:
 @flow(name="drp-stage", flow_run_name="{site}-{stage}-{group}")
 def stage_flow(site_file: str, site: str, campaign: str, group: str, visits: list[int],
                address: str, stage: str = "stage1", attempt: int = 1,
-               batch_size: int = 500) -> list[dict]:
-    """Run one stage for one group of visits at one site."""
+               batch_size: int = 500, tracts: list[int] | None = None) -> list[dict]:
+    """Run one stage for one group at one site: a group of visits, or (with `tracts`) the
+    site's tracts once all its visit groups are done."""
     logger = get_run_logger()
     site_cfg = load_sites(site_file)[site]
     butler = open_butler(site_cfg, writeable=True)
-    config = {"camera": step1.camera_config(butler)}
+    config = {"camera": step1.camera_config(butler), "skymap": step1.skymap_config(butler)}
+    planners, ids = (step1.TRACT_PLANNERS, tracts) if tracts else (step1.PLANNERS, visits)
     done_in = [campaign_collection(campaign)]
     progress = []
     for step in STAGE_STEPS[stage]:
         run = group_run(campaign, step, group, attempt)
         butler.registry.registerRun(run)
         chain_run(butler, campaign, run)
-        for label, plan in step1.PLANNERS.items():
-            quanta, skipped, blocked = plan(butler, site_cfg.store, run, visits, done_in)
+        for label, plan in planners.items():
+            quanta, skipped, blocked = plan(butler, site_cfg.store, run, ids, done_in)
             p = StepProgress(site, label, group, total=len(quanta) + skipped + len(blocked),
                              skipped=skipped, blocked=len(blocked))
             start = time.perf_counter()

@@ -183,6 +183,8 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     apcorr = float(np.median(ap[bright] / flux[bright])) if bright.any() else float("nan")
 
     good = clean & (snr > 20)
+    if good.sum() < 3 * MIN_REF_MATCHES:   # few bright stars (blue band, small CCD): go fainter
+        good = clean & (snr > 10)
     wcs, si, _, wcs_rms = fit_astrometry(x[good], y[good], refcat, exp.wcs, n, sip_degree)
 
     # photometric matches over all clean detections, now that the WCS is good
@@ -228,7 +230,6 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
         ("ZP", float(zp), "mag of 1 e- of PSF flux (flat-fielded)"),
         ("ZP_ERR", zp_err, "mag"),
         ("ZP_NSTAR", n_zp, "reference stars in the zeropoint"),
-        ("APCORR", apcorr, "QA: 4-FWHM aperture / PSF flux, bright stars"),
         ("PSF_FWHM", fwhm * PIXEL_SCALE, "arcsec"),
         ("SKYBG", sky, "e- per pixel"),
         ("SKYNOISE", sky_noise, "e- per pixel"),
@@ -238,6 +239,8 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
         ("WCS_NREF", len(si), "reference stars in the astrometric fit"),
     ]:
         meta[key] = (value, comment)
+    if np.isfinite(apcorr):   # FITS headers hold no NaN; no bright star, no QA value
+        meta["APCORR"] = (apcorr, "QA: 4-FWHM aperture / PSF flux, bright stars")
     return Exposure(image=image, variance=exp.variance, mask=mask, wcs=wcs, metadata=meta), stars
 
 

@@ -1,4 +1,5 @@
-"""Step 1 as quanta: calibrateImage per (visit, detector), consolidation per visit.
+"""Step 1 as quanta: calibrateImage per (visit, detector), consolidation per visit, and
+isolated-star association per tract.
 
 Planning runs in the flow process against the site Butler (URIs of inputs, planned URIs of
 outputs, skip what is registered); the quantum functions run on Dask workers and see only URIs.
@@ -15,17 +16,20 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 
-from drp_flows.datamodel import CALIB_COLLECTION, DATASET_TYPES, DEFAULTS, REFCAT
+from drp_flows.datamodel import CALIB_COLLECTION, DATASET_TYPES, DEFAULTS, REFCAT, SKYMAP_RUN
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.calibrate import calibrate
 from drp_flows.tasks.camera import INSTRUMENT, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.images import read_fits
+from drp_flows.tasks.isolated_stars import associate
 from drp_flows.tasks.isr import check_raw, run_isr
 from drp_flows.tasks.quanta import OutputWriter, Quantum
+from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 
 CALIBRATE = "calibrateImage"
 CONSOLIDATE = "consolidateVisitSummary"
+ASSOCIATE = "isolatedStarAssociation"
 SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zero_point_nstar",
                 "PSF_FWHM": "psf_fwhm", "SKYBG": "sky_bg", "SKYNOISE": "sky_noise", "M5": "m5",
                 "NSOURCE": "n_source", "WCS_RMS": "astrom_rms_mas", "WCS_NREF": "astrom_nref",
@@ -134,6 +138,43 @@ def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[in
     return quanta, skipped, blocked
 
 
+def skymap_config(butler: Butler) -> dict:
+    return dict(butler.get("skyMap", skymap=SKYMAP_NAME, collections=SKYMAP_RUN))
+
+
+def plan_associate(butler: Butler, storage: Storage, run: str, tracts: list[int],
+                   collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+    """isolatedStarAssociation quanta per tract, over the visits of this site on the tract."""
+    outputs = ("isolated_star", "isolated_star_source")
+    done = set.intersection(*[registered(butler, collections, o) for o in outputs])
+    existing = [c for c in collections if list(butler.registry.queryCollections(c))]
+    quanta, skipped, blocked = [], 0, []
+    for tract in tracts:
+        data_id = {"skymap": SKYMAP_NAME, "tract": tract}
+        if _key(data_id) in done:
+            skipped += 1
+            continue
+        refs = [] if not existing else butler.registry.queryDatasets(
+            "single_visit_star", collections=existing, findFirst=True, instrument=INSTRUMENT,
+            where="skymap = sm AND tract = t", bind={"sm": SKYMAP_NAME, "t": tract})
+        uris = sorted({_uri(butler, storage, r) for r in refs})
+        if not uris:
+            blocked.append(data_id)
+            continue
+        quanta.append(Quantum(ASSOCIATE, data_id, {"single_visit_star": uris},
+                              {o: output_uri(storage, run, o, data_id) for o in outputs}))
+    return quanta, skipped, blocked
+
+
+def associate_isolated_stars(quantum: Quantum, storage: Storage, out: OutputWriter,
+                             config: dict) -> None:
+    """Isolated stars of one tract from the visit star tables (runs on a worker)."""
+    tables = [read_table(storage, u) for u in quantum.inputs["single_visit_star"]]
+    stars, sources = associate(tables, quantum.data_id["tract"], MiniSkymap(**config["skymap"]))
+    out.write("isolated_star", table_bytes(stars))
+    out.write("isolated_star_source", table_bytes(sources))
+
+
 @lru_cache(maxsize=16)
 def _calib_image(storage: Storage, uri: str) -> np.ndarray:
     data = read_fits(storage, uri)["IMAGE"].data
@@ -175,7 +216,7 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
             h = fits.getheader(f, 0)
         row = {"visit": quantum.data_id["visit"], "detector": int(h["DETECTOR"]),
                "band": h["BAND"], "mjd": h["MJD-OBS"]}
-        row |= {name: h[key] for key, name in SUMMARY_KEYS.items()}
+        row |= {name: h.get(key, np.nan) for key, name in SUMMARY_KEYS.items()}
         rows.append(row)
     summary = Table(rows=rows)
     summary.sort("detector")
@@ -192,8 +233,11 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
     out.write("single_visit_star", table_bytes(stars))
 
 
-STEP_FUNCTIONS = {CALIBRATE: calibrate_image, CONSOLIDATE: consolidate_visit}
-# the order in which step 1's labels are planned and run (each sees the previous one's outputs)
+STEP_FUNCTIONS = {CALIBRATE: calibrate_image, CONSOLIDATE: consolidate_visit,
+                  ASSOCIATE: associate_isolated_stars}
+# the order in which step 1's labels are planned and run (each sees the previous one's
+# outputs): per group of visits, then per tract once every visit group of the site is done
 PLANNERS = {CALIBRATE: plan_calibrate, CONSOLIDATE: plan_consolidate}
+TRACT_PLANNERS = {ASSOCIATE: plan_associate}
 # BPS-style clustering dimensions of each step's quanta
-CLUSTER_DIMENSIONS = {CALIBRATE: ("visit",), CONSOLIDATE: ()}
+CLUSTER_DIMENSIONS = {CALIBRATE: ("visit",), CONSOLIDATE: (), ASSOCIATE: ()}
