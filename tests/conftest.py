@@ -62,3 +62,15 @@ def local_sites(prefect_api, survey, data_dir) -> str:
 
 def have(command: str) -> bool:
     return shutil.which(command) is not None
+
+
+@pytest.fixture
+def one_site_file(tmp_path):
+    """Write a site file with one site `name` on a LocalCluster; keys are YAML values."""
+    def write(name: str, **keys: str) -> str:
+        lines = [f"campaign_site: {name}", "sites:", f"  {name}:",
+                 "    cluster: {kind: local, jobs: 1}"] + [f"    {k}: {v}" for k, v in keys.items()]
+        path = tmp_path / f"{name}-sites.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+    return write

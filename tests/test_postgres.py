@@ -22,19 +22,13 @@ def postgres():
     return URL
 
 
-def test_postgres_registry_setup_and_campaign(postgres, prefect_api, survey, tmp_path):
+def test_postgres_registry_setup_and_campaign(postgres, prefect_api, survey, tmp_path,
+                                              one_site_file):
     from drp_flows.flows.campaign import campaign_flow
     from drp_flows.flows.setup import setup_flow
 
-    site_file = tmp_path / "sites.yaml"
-    site_file.write_text(f"""campaign_site: pg
-sites:
-  pg:
-    cluster: {{kind: local, jobs: 1}}
-    storage: file://{tmp_path}/pg
-    butler: {{registry: "{postgres}"}}
-    sky: {{tracts: [1]}}
-""")
+    site_file = one_site_file("pg", storage=f"file://{tmp_path}/pg",
+                              butler=f'{{registry: "{postgres}"}}', sky="{tracts: [1]}")
     (row,) = setup_flow(str(site_file), str(survey))
     result = campaign_flow(str(site_file), "pgtest")
     assert all(r["failed"] == 0 and r["done"] == r["total"] for r in result["progress"])

@@ -46,25 +46,13 @@ def moto_endpoint(monkeypatch_session):
     proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def s3_site_file(moto_endpoint, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("s3site") / "sites.yaml"
-    path.write_text(f"""campaign_site: cloud
-sites:
-  cloud:
-    cluster: {{kind: local, jobs: 1}}
-    storage: s3://{BUCKET}/drp
-    storage_options: {{endpoint_url: "{moto_endpoint}"}}
-    butler: {{repo: {path.parent / "repo"}}}
-    sky: {{tracts: [0]}}
-""")
-    return str(path)
-
-
-def test_s3_site_setup_and_campaign(prefect_api, survey, s3_site_file):
+def test_s3_site_setup_and_campaign(prefect_api, survey, moto_endpoint, one_site_file, tmp_path):
     from drp_flows.flows.campaign import campaign_flow
     from drp_flows.flows.setup import setup_flow
 
+    s3_site_file = one_site_file("cloud", storage=f"s3://{BUCKET}/drp",
+                                 storage_options=f'{{endpoint_url: "{moto_endpoint}"}}',
+                                 butler=f"{{repo: {tmp_path / 'repo'}}}", sky="{tracts: [0]}")
     (row,) = setup_flow(s3_site_file, str(survey))
     assert row["raws"] == 9 * row["visits"] and row["visits"] >= 1
     result = campaign_flow(s3_site_file, "s3test")

@@ -9,7 +9,6 @@ Butler (lsst.resources) the site's bucket is addressed through a named S3 profil
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -57,16 +56,6 @@ class Storage:
 
     def exists(self, uri: str) -> bool:
         return self.fs.exists(self.path(uri))
-
-    def size(self, uri: str) -> int:
-        return int(self.fs.size(self.path(uri)))
-
-    def sha256(self, uri: str) -> str:
-        h = hashlib.sha256()
-        with self.open(uri) as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                h.update(chunk)
-        return h.hexdigest()
 
     def put_file(self, local_path: str, uri: str) -> None:
         with open(local_path, "rb") as src, self.open(uri, "wb") as dst:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,6 @@ class Visit:
     extinction: float    # grey, mag
     ra_reported: float = 0.0   # what the telescope says (pointing error)
     dec_reported: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def day_obs(self) -> int:
