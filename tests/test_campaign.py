@@ -67,9 +67,8 @@ def test_outputs_readable_with_the_butler(result, local_sites):
 
 
 def test_corrupt_raw_quarantined_rest_processed(result, corrupt, local_sites):
-    failed = [f for f in result["quarantined"]]
-    assert len(failed) == 1
-    f = failed[0]
+    assert len(result["quarantined"]) == 1
+    f = result["quarantined"][0]
     assert f["site"] == "frdf" and f["step"] == "calibrateImage"
     assert f["data_id"] == {"visit": corrupt["visit"], "detector": corrupt["detector"]}
     assert "corrupt raw" in f["error"] and corrupt["path"] in f["error"]

@@ -128,7 +128,8 @@ def match_nearest(src_xy: np.ndarray, ref_xy: np.ndarray, radius: float):
 
 
 def fit_astrometry(x, y, ref: Table, wcs0: WCS, n: int, sip_degree: int):
-    """Match to the refcat and fit TAN-SIP; returns the WCS, matches and residual rms (mas)."""
+    """Match to the refcat and fit TAN-SIP; returns the WCS, the matched source indices and the
+    residual rms (mas)."""
     rx, ry = wcs0.all_world2pix(np.asarray(ref["coord_ra"]), np.asarray(ref["coord_dec"]), 0)
     on = (rx > -20) & (rx < n + 20) & (ry > -20) & (ry < n + 20)
     ref, rx, ry = ref[on], rx[on], ry[on]
@@ -152,7 +153,7 @@ def fit_astrometry(x, y, ref: Table, wcs0: WCS, n: int, sip_degree: int):
         keep = resid < med + 3 * std
         si, ri = si[keep], ri[keep]
     rms_mas = float(np.sqrt(np.mean(resid[keep] ** 2)) * PIXEL_SCALE * 1000)
-    return wcs, si, ref[ri], rms_mas
+    return wcs, si, rms_mas
 
 
 def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
@@ -185,7 +186,7 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     good = clean & (snr > 20)
     if good.sum() < 3 * MIN_REF_MATCHES:   # few bright stars (blue band, small CCD): go fainter
         good = clean & (snr > 10)
-    wcs, si, _, wcs_rms = fit_astrometry(x[good], y[good], refcat, exp.wcs, n, sip_degree)
+    wcs, si, wcs_rms = fit_astrometry(x[good], y[good], refcat, exp.wcs, n, sip_degree)
 
     # photometric matches over all clean detections, now that the WCS is good
     px, py = wcs.all_world2pix(np.asarray(refcat["coord_ra"]), np.asarray(refcat["coord_dec"]), 0)

@@ -7,6 +7,8 @@ header, as Rubin's define-visits computes them from the boresight and camera geo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from astropy.io import fits
 from astropy.time import Time, TimeDelta
@@ -116,8 +118,6 @@ def htm_shards(ra: np.ndarray, dec: np.ndarray, level: int = REFCAT_LEVEL) -> np
 def site_exposures(raw_dir, skymap: MiniSkymap, owns_tract) -> dict[int, list]:
     """Raw files of the exposures a site owns, by exposure: the tract under the boresight
     decides (as Rubin splits a campaign's raws between sites by sky region)."""
-    from pathlib import Path
-
     by_exposure: dict[int, list] = {}
     for path in sorted(Path(raw_dir).glob("raw_*.fits")):
         by_exposure.setdefault(int(path.stem.split("_")[1]), []).append(path)

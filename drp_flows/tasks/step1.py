@@ -52,15 +52,25 @@ def camera_config(butler: Butler) -> dict:
     return dict(butler.get("camera", instrument=INSTRUMENT, collections=CALIB_COLLECTION))
 
 
-def registered(butler: Butler, collections: list[str], dataset_type: str) -> set[tuple]:
-    """Data IDs (without instrument) of a dataset type found in the given collections."""
-    out = set()
-    existing = [c for c in collections if list(butler.registry.queryCollections(c))]
-    if not existing:
-        return out
-    for ref in butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True):
-        out.add(tuple(sorted((k, v) for k, v in ref.dataId.required.items() if k != "instrument")))
-    return out
+def existing_collections(butler: Butler, collections: list[str]) -> list[str]:
+    """Those of the collections that exist (a new campaign's chain does not yet)."""
+    return [c for c in collections if list(butler.registry.queryCollections(c))]
+
+
+def done_quanta(butler: Butler, collections: list[str], outputs: tuple[str, ...]) -> set[tuple]:
+    """Data IDs (without instrument) for which every output is registered in the collections:
+    the quanta that skip-existing leaves out."""
+    existing = existing_collections(butler, collections)
+    done = None
+    for dataset_type in outputs:
+        ids = set()
+        if existing:
+            for ref in butler.registry.queryDatasets(dataset_type, collections=existing,
+                                                     findFirst=True):
+                ids.add(tuple(sorted((k, v) for k, v in ref.dataId.required.items()
+                                     if k != "instrument")))
+        done = ids if done is None else done & ids
+    return done or set()
 
 
 def _key(data_id: dict) -> tuple:
@@ -72,7 +82,7 @@ def plan_calibrate(butler: Butler, storage: Storage, run: str, visits: list[int]
     """calibrateImage quanta for the visits' raws, minus those whose outputs are registered.
     Returns (quanta, skipped, blocked); nothing blocks a CCD at the head of the pipeline."""
     outputs = ("preliminary_visit_image", "single_visit_star_unstandardized")
-    done = set.intersection(*[registered(butler, done_collections, o) for o in outputs])
+    done = done_quanta(butler, done_collections, outputs)
     if not visits:
         return [], 0, []
     raws = butler.registry.queryDatasets(
@@ -112,8 +122,8 @@ def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[in
                      collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """Per-visit consolidation of whatever detectors calibrated; a visit with none is blocked."""
     outputs = ("single_visit_star", "preliminary_visit_summary")
-    done = set.intersection(*[registered(butler, collections, o) for o in outputs])
-    existing = [c for c in collections if list(butler.registry.queryCollections(c))]
+    done = done_quanta(butler, collections, outputs)
+    existing = existing_collections(butler, collections)
     per_visit: dict[int, dict[str, list[str]]] = {v: {} for v in visits}
     for name in ("preliminary_visit_image", "single_visit_star_unstandardized"):
         if not existing:
@@ -146,8 +156,8 @@ def plan_associate(butler: Butler, storage: Storage, run: str, tracts: list[int]
                    collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """isolatedStarAssociation quanta per tract, over the visits of this site on the tract."""
     outputs = ("isolated_star", "isolated_star_source")
-    done = set.intersection(*[registered(butler, collections, o) for o in outputs])
-    existing = [c for c in collections if list(butler.registry.queryCollections(c))]
+    done = done_quanta(butler, collections, outputs)
+    existing = existing_collections(butler, collections)
     quanta, skipped, blocked = [], 0, []
     for tract in tracts:
         data_id = {"skymap": SKYMAP_NAME, "tract": tract}
