@@ -22,7 +22,11 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 env: $(VENV)/.synced
 
-demo: env
+# Prefect creates its home folder but not the parents
+$(PREFECT_HOME):
+	mkdir -p $@
+
+demo: env | $(PREFECT_HOME)
 	$(VENV)/bin/drp demo --data data
 
 # A PostgreSQL server with a drp_test database, for the PostgreSQL registry test.
@@ -33,12 +37,13 @@ services:
 slurm:
 	@bash .ci/slurm.sh || echo "make test: no Slurm here; the Slurm test will be skipped"
 
-test: env slurm services
+test: env slurm services | $(PREFECT_HOME)
 	$(VENV)/bin/python -m pytest -ra
 
-bench: env
+bench: env | $(PREFECT_HOME)
 	$(VENV)/bin/python bench/overhead.py
 	$(VENV)/bin/python bench/isr.py
+	$(VENV)/bin/python bench/global_calib.py
 
 lint: env
 	$(VENV)/bin/ruff check drp_flows tests bench

@@ -78,7 +78,7 @@ def demo(data: Path | None = None, ccd_size: int = 512, nights: int = 3,
     setup(survey, LOCAL_SITES, data)
     campaign(name, LOCAL_SITES, survey, data)
     console.print(f"\nInspect with Rubin's tools, e.g.\n  butler query-datasets {data}/usdf/repo "
-                  f"preliminary_visit_image --collections ComCamSim/runs/{name}")
+                  f"visit_summary --collections ComCamSim/runs/{name}")
 
 
 def print_summary(result: dict, wall: float) -> None:
@@ -97,6 +97,15 @@ def print_summary(result: dict, wall: float) -> None:
     for site, s in per_site.items():
         console.print(f"{site}: {s['total']} quanta, {s['done']} done, {s['failed']} failed, "
                       f"{s['seconds']:.0f} s")
+    if result.get("transfers"):
+        moves = RichTable(title="transfers (closed loop: copied, ingested, verified)")
+        for col in ("movement", "from", "to", "datasets", "copied", "MB", "seconds", "MB/s"):
+            moves.add_column(col)
+        for t in result["transfers"]:
+            moves.add_row(t["label"], t["source"], t["destination"], str(t["datasets"]),
+                          str(t["files"]), f"{t['bytes'] / 1e6:.2f}", f"{t['seconds']:.2f}",
+                          f"{t['mb_per_s']:.1f}")
+        console.print(moves)
     for f in result.get("quarantined", []):
         console.print(f"[yellow]quarantined[/] {f['step']} {f['data_id']}: {f['error']}")
     if result.get("qa_report"):

@@ -40,6 +40,11 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("preliminary_visit_summary", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("isolated_star", ("skymap", "tract"), "ArrowAstropy"),
     DatasetTypeSpec("isolated_star_source", ("skymap", "tract"), "ArrowAstropy"),
+    DatasetTypeSpec("fgcm_zeropoints", ("instrument",), "ArrowAstropy"),
+    DatasetTypeSpec("fgcm_standard_star", ("instrument",), "ArrowAstropy"),
+    DatasetTypeSpec("fgcm_photo_calib", ("instrument", "visit"), "ArrowAstropy"),
+    DatasetTypeSpec("visit_summary", ("instrument", "visit"), "ArrowAstropy"),
+    DatasetTypeSpec("recalibrated_star", ("instrument", "visit"), "ArrowAstropy"),
 ]}
 
 REFCAT = "the_monster_sim"

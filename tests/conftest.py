@@ -11,8 +11,9 @@ import pytest
 import drp_flows  # noqa: F401  (offline Prefect defaults before Prefect is imported)
 from drp_flows.tasks.simulate import SurveyConfig, simulate_survey
 
-# Small but real: 384 px CCDs, one night, two visits per tract (12 visits, 108 CCDs, all bands).
-TEST_SURVEY = SurveyConfig(ccd_size=384, nights=1, rounds_per_night=2, n_bias=3, n_dark=2,
+# Small but real: 384 px CCDs, two nights of two rounds: each tract seen in two bands, twice
+# each (24 visits, 216 CCDs, all bands over the six tracts).
+TEST_SURVEY = SurveyConfig(ccd_size=384, nights=2, rounds_per_night=2, n_bias=3, n_dark=2,
                            n_flat=2)
 
 

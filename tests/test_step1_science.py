@@ -38,9 +38,10 @@ def masters(survey):
 
 @pytest.fixture(scope="module")
 def calibrated(survey, masters):
-    """Every CCD of the test survey through ISR and calibrate, with its truth row."""
+    """Every CCD of the test survey's first night through ISR and calibrate, with its truth row."""
     cfg, _ = load_survey(survey)
     truth = Table.read(survey / "truth" / "ccd_visits.parquet")
+    truth = truth[np.isin(truth["visit"], np.unique(truth["visit"])[:12])]
     refcat = Table.read(survey / "refcat" / "refcat.parquet")
     out = []
     for row in truth:
@@ -92,8 +93,9 @@ def test_wcs_against_truth(calibrated, survey):
 def test_psf_measured(calibrated, survey):
     _, visits = load_survey(survey)
     seeing = dict(zip(visits["visit"], visits["seeing"], strict=True))
-    for row, _, image, _ in calibrated:
-        assert abs(image.metadata["PSF_FWHM"] / seeing[row["visit"]] - 1) < 0.03
+    errors = np.array([image.metadata["PSF_FWHM"] / seeing[row["visit"]] - 1
+                       for row, _, image, _ in calibrated])
+    assert np.sqrt(np.mean(errors ** 2)) < 0.01 and np.abs(errors).max() < 0.04
 
 
 def test_outputs_have_rubin_planes(calibrated):

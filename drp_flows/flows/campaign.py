@@ -1,14 +1,18 @@
-"""The campaign: stage 1 at every site at once, each on its own sky share, then QA.
+"""The campaign across the sites of a site file, read like its stage table.
 
-Reads like the campaign's stage table: start each site's Dask cluster, split each site's
-visits into groups, run the stage flow for every group, report. Stages 2-4 and the transfers
-between sites slot in after stage 1 (see ARCHITECTURE.md, the six data movements).
+Start each site's Dask cluster(s); stage 1 at every site on its own sky share; fan-in of the
+isolated stars and preliminary visit summaries to the campaign site; the global photometric
+calibration there; fan-out of the solution, split by visit, to the sites holding the visits;
+stage 2 at every site; fan-in of the final visit summaries; QA. Stages 3-4 and the remaining
+movements of ARCHITECTURE.md slot in after stage 2.
 """
 
 from __future__ import annotations
 
 import tempfile
 from contextlib import ExitStack
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -16,14 +20,23 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection
-from drp_flows.flows.stages import StepProgress, artifact_key, progress_markdown, stage_flow
+from drp_flows.flows.stages import (
+    STAGES,
+    StepProgress,
+    artifact_key,
+    chain_run,
+    progress_markdown,
+    stage_flow,
+)
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import running_cluster
 from drp_flows.sites.config import LOCAL_SITES, load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
-from drp_flows.tasks.qa import step1_qa, write_report
+from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, write_report
 from drp_flows.tasks.skymap import MiniSkymap
+from drp_flows.tasks.step1 import existing_collections
+from drp_flows.tasks.transfer import Ledger, plan_transfer, transfer
 
 
 def site_visits(site_file: str, site: str) -> list[int]:
@@ -50,20 +63,79 @@ def site_tracts(site_file: str, site: str) -> list[int]:
 
 
 @task(name="stage at site", cache_policy=NO_CACHE)
-def stage_at_site(site_file: str, site: str, campaign: str, address: str, stage: str,
-                  group_size: int, batch_size: int) -> list[dict]:
-    """All groups of one stage at one site: one stage flow run per group of visits, then one
-    for the site's tracts (steps that need every visit of a tract)."""
-    groups = make_groups(site_visits(site_file, site), group_size)
+def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address: str,
+                  long_address: str | None, group_size: int, batch_size: int) -> list[dict]:
+    """All groups of one stage at one site, scope by scope: one stage flow run per group of
+    visits, one for the site's tracts, one for campaign-wide work."""
     progress = []
-    for name, visits in groups.items():
-        progress += stage_flow(site_file, site, campaign, name, visits, address, stage=stage,
-                               batch_size=batch_size)
-    tracts = site_tracts(site_file, site)
-    if tracts:
-        progress += stage_flow(site_file, site, campaign, "tracts-" + "-".join(map(str, tracts)),
-                               [], address, stage=stage, batch_size=batch_size, tracts=tracts)
+    for scope in STAGES[stage]:
+        if scope == "visit":
+            groups = make_groups(site_visits(site_file, site), group_size)
+        elif scope == "tract":
+            tracts = site_tracts(site_file, site)
+            groups = {"tracts-" + "-".join(map(str, tracts)): tracts} if tracts else {}
+        else:
+            groups = {"global": []}
+        for name, ids in groups.items():
+            progress += stage_flow(site_file, site, campaign, stage, scope, name, ids, address,
+                                   long_address, batch_size=batch_size)
     return progress
+
+
+@task(name="transfer", cache_policy=NO_CACHE)
+def transfer_task(site_file: str, campaign: str, movement: str, source: str, destination: str,
+                  dataset_types: list[str], visits: list[int] | None = None) -> dict:
+    """One closed-loop transfer between two sites; the moved RUNs join the destination's
+    campaign chain, so the next stage finds them as it finds its own outputs."""
+    sites = load_sites(site_file)
+    src, dst = sites[source], sites[destination]
+    src_butler, dst_butler = open_butler(src), open_butler(dst, writeable=True)
+    where = f"visit IN ({', '.join(map(str, visits))})" if visits else ""
+    items = [] if visits == [] else plan_transfer(
+        src_butler, src.store, dst_butler, dst.store, dataset_types,
+        existing_collections(src_butler, [campaign_collection(campaign)]), where)
+    ledger = transfer(Ledger(movement, source, destination), src_butler, src.store, dst_butler,
+                      dst.store, items)
+    for run in sorted({i.ref.run for i in items}):
+        chain_run(dst_butler, campaign, run)
+    return {k: v for k, v in asdict(ledger).items() if k != "checksums"} | {"mb_per_s": ledger.mb_per_s}
+
+
+def fan_in(site_file: str, campaign: str, movement: str, dataset_types: list[str]) -> list[dict]:
+    """Every other site -> the campaign site, concurrently."""
+    sites = load_sites(site_file)
+    futures = [transfer_task.with_options(name=f"{movement} {name}->{sites.campaign_site}").submit(
+        site_file, campaign, movement, name, sites.campaign_site, dataset_types)
+        for name in sites.sites if name != sites.campaign_site]
+    return [f.result() for f in futures]
+
+
+def fan_out(site_file: str, campaign: str, movement: str, dataset_types: list[str]) -> list[dict]:
+    """The campaign site -> every other site, each getting the visits it holds."""
+    sites = load_sites(site_file)
+    futures = [transfer_task.with_options(name=f"{movement} {sites.campaign_site}->{name}").submit(
+        site_file, campaign, movement, sites.campaign_site, name, dataset_types,
+        site_visits(site_file, name))
+        for name in sites.sites if name != sites.campaign_site]
+    return [f.result() for f in futures]
+
+
+def at_every_site(site_file: str, campaign: str, stage: str, addresses: dict, long_addresses: dict,
+                  group_size: int, batch_size: int, only: str | None = None) -> list[dict]:
+    """One stage at every site (or only one), the sites concurrently."""
+    futures = [stage_at_site.with_options(name=f"{stage} at {name}").submit(
+        site_file, name, campaign, stage, addresses[name], long_addresses.get(name), group_size,
+        batch_size) for name in addresses if only in (None, name)]
+    return [row for f in futures for row in f.result()]
+
+
+def ledger_markdown(ledgers: list[dict]) -> str:
+    lines = ["| movement | from | to | datasets | files copied | MB | seconds | MB/s | retries |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {g['label']} | {g['source']} | {g['destination']} | {g['datasets']} | {g['files']} | "
+              f"{g['bytes'] / 1e6:.2f} | {g['seconds']:.2f} | {g['mb_per_s']:.1f} | {g['retries']} |"
+              for g in ledgers]
+    return "\n".join(lines)
 
 
 @task(name="QA against truth", cache_policy=NO_CACHE)
@@ -71,46 +143,55 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
     """Step-1 QA over every site's outputs, published at the campaign site."""
     sites = load_sites(site_file)
     butlers = [open_butler(s) for s in sites.sites.values()]
-    qa = step1_qa(butlers, campaign_collection(campaign), Path(survey))
-    store = sites[sites.campaign_site].store
+    collection = campaign_collection(campaign)
+    home = sites[sites.campaign_site]
+    sections = [step1_qa(butlers, collection, Path(survey)),
+                step2_qa(open_butler(home), collection, Path(survey))]
+    checks = [c for section in sections for c in section.checks()]
+    store = home.store
     with tempfile.TemporaryDirectory() as tmp:
-        write_report(qa, Path(tmp), f"Campaign {campaign}: step 1 QA against truth")
+        write_report(sections, Path(tmp), f"Campaign {campaign}: QA against truth")
         for path in Path(tmp).iterdir():
             store.put_file(str(path), store.join("reports", campaign, "qa", path.name))
     report = store.join("reports", campaign, "qa", "qa.md")
-    create_markdown_artifact(_qa_markdown(qa.checks()),
-                             key=artifact_key(f"qa-{campaign}"), description=f"QA of campaign {campaign}")
-    return qa.checks(), report
-
-
-def _qa_markdown(checks: list[dict]) -> str:
-    lines = ["| metric | value | target | result |", "|---|---:|---|---|"]
-    lines += [f"| {c['metric']} | {c['value']:.2f} {c['unit']} | {c['target']} | "
-              f"{'PASS' if c['pass'] else 'FAIL'} |" for c in checks]
-    return "\n".join(lines)
+    create_markdown_artifact(checks_markdown(checks), key=artifact_key(f"qa-{campaign}"),
+                             description=f"QA of campaign {campaign}")
+    return checks, report
 
 
 @flow(name="drp-campaign", flow_run_name="{campaign}")
 def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
                   group_size: int = 100, batch_size: int = 500,
                   survey: str | None = None) -> dict:
-    """Run stage 1 at every site of the site file concurrently, then QA against the truth of
-    a simulated survey if one is given. Returns progress rows, quarantined quanta and QA."""
+    """Run the campaign over the sites of the site file: stage 1 everywhere, fan-in, the global
+    calibration at the campaign site, fan-out, stage 2 everywhere, fan-in; then QA against the
+    truth of a simulated survey if one is given. Returns progress rows, transfer ledgers,
+    quarantined quanta and QA."""
     logger = get_run_logger()
     sites = load_sites(site_file)
+    home = sites.campaign_site
     with ExitStack() as stack:
         addresses = {name: stack.enter_context(running_cluster(site.cluster))
                      for name, site in sites.sites.items()}
-        logger.info("clusters: %s", addresses)
-        futures = {name: stage_at_site.with_options(name=f"stage1 at {name}").submit(
-            site_file, name, campaign, addresses[name], "stage1", group_size, batch_size)
-            for name in sites.sites}
-        rows = [row for f in futures.values() for row in f.result()]
+        long_addresses = {name: stack.enter_context(running_cluster(site.long_cluster))
+                          for name, site in sites.sites.items() if site.long_cluster}
+        logger.info("clusters: %s, long-quantum clusters: %s", addresses, long_addresses)
+        run = partial(at_every_site, site_file, campaign, addresses=addresses,
+                      long_addresses=long_addresses, group_size=group_size, batch_size=batch_size)
+        rows = run("stage1")
+        ledgers = fan_in(site_file, campaign, "isolated stars and visit summaries in",
+                         ["isolated_star", "isolated_star_source", "preliminary_visit_summary"])
+        rows += run("global", only=home)
+        ledgers += fan_out(site_file, campaign, "global calibration out", ["fgcm_photo_calib"])
+        rows += run("stage2")
+        ledgers += fan_in(site_file, campaign, "final visit summaries in", ["visit_summary"])
     table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
                                for r in rows])
-    create_markdown_artifact(f"# Campaign {campaign}\n\n{table}\n", key=artifact_key(f"campaign-{campaign}"),
+    create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"
+                             f"## Transfers\n\n{ledger_markdown(ledgers)}\n",
+                             key=artifact_key(f"campaign-{campaign}"),
                              description=f"progress of campaign {campaign}")
-    result = {"campaign": campaign, "progress": rows,
+    result = {"campaign": campaign, "progress": rows, "transfers": ledgers,
               "quarantined": [f | {"step": r["step"], "site": r["site"]}
                               for r in rows for f in r["failures"]],
               "qa": [], "qa_report": None}

@@ -25,11 +25,18 @@ from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import SiteConfig, load_sites
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks import step1
+from drp_flows.tasks import step1, step2
+from drp_flows.tasks.pipeline import LABELS
 from drp_flows.tasks.quanta import Quantum, QuantumResult, cluster_quanta, run_batch
 from drp_flows.tasks.register import Registration, register_outputs
 
-STAGE_STEPS = {"stage1": ["step1"]}
+# What each stage runs, by scope, in order. A scope says what a group of the stage is: a range
+# of visits, the site's tracts, or (at the campaign site) the whole campaign.
+STAGES = {
+    "stage1": {"visit": [step1.CALIBRATE, step1.CONSOLIDATE], "tract": [step1.ASSOCIATE]},
+    "global": {"campaign": [step2.FIT_CYCLE, step2.OUTPUT_PRODUCTS]},
+    "stage2": {"visit": [step2.UPDATE_VISIT_SUMMARY]},
+}
 
 
 @dataclass
@@ -58,7 +65,7 @@ def run_batch_task(address: str, step: str, storage: Storage, config: dict,
                    quanta: list[Quantum], token: str) -> list[QuantumResult]:
     """One batch of quanta of one step, mapped onto the site's Dask cluster."""
     with Client(address, set_as_default=False) as client:
-        return run_batch(client, step1.STEP_FUNCTIONS[step], storage, config, quanta, token)
+        return run_batch(client, LABELS[step].run, storage, config, quanta, token)
 
 
 @task(name="register outputs", cache_policy=NO_CACHE)
@@ -71,7 +78,7 @@ def register_task(butler: Butler, storage: Storage, results: list[QuantumResult]
 def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: list[Quantum],
              run: str, config: dict, batch_size: int, progress: StepProgress) -> None:
     """Run the quanta of one step in batches and register each batch as it finishes."""
-    batches = cluster_quanta(quanta, step1.CLUSTER_DIMENSIONS[step], batch_size)
+    batches = cluster_quanta(quanta, LABELS[step].cluster_by, batch_size)
     token = uuid.uuid4().hex[:8]
     futures = [run_batch_task.with_options(name=f"run batch {step} {i + 1}/{len(batches)}")
                .submit(address, step, site.store, config, batch, token)
@@ -98,10 +105,10 @@ def chain_run(butler: Butler, campaign: str, run: str) -> None:
         butler.registry.setCollectionChain(chain, members)
 
 
-def quarantine(site: SiteConfig, campaign: str, group: str, progress: list[StepProgress]) -> str:
+def quarantine(site: SiteConfig, campaign: str, stage: str, group: str, progress: list[StepProgress]) -> str:
     """Record failed quanta (the quarantined CCDs) beside the site's repository."""
     failures = [f | {"step": p.step} for p in progress for f in p.failures]
-    uri = site.store.join("reports", campaign, f"quarantine-{group}.json")
+    uri = site.store.join("reports", campaign, f"quarantine-{stage}-{group}.json")
     with site.store.open(uri, "wb") as f:
         f.write(json.dumps(failures, indent=1, default=str).encode())
     return uri
@@ -122,36 +129,36 @@ def progress_markdown(rows: list[StepProgress]) -> str:
 
 
 @flow(name="drp-stage", flow_run_name="{site}-{stage}-{group}")
-def stage_flow(site_file: str, site: str, campaign: str, group: str, visits: list[int],
-               address: str, stage: str = "stage1", attempt: int = 1,
-               batch_size: int = 500, tracts: list[int] | None = None) -> list[dict]:
-    """Run one stage for one group at one site: a group of visits, or (with `tracts`) the
-    site's tracts once all its visit groups are done."""
+def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str, group: str,
+               ids: list[int], address: str, long_address: str | None = None, attempt: int = 1,
+               batch_size: int = 500) -> list[dict]:
+    """Run one stage's labels of one scope for one group at one site: `ids` are the group's
+    visits or tracts (nothing for the campaign scope). Long quanta go to `long_address`."""
     logger = get_run_logger()
     site_cfg = load_sites(site_file)[site]
     butler = open_butler(site_cfg, writeable=True)
     config = {"camera": step1.camera_config(butler), "skymap": step1.skymap_config(butler)}
-    planners, ids = (step1.TRACT_PLANNERS, tracts) if tracts else (step1.PLANNERS, visits)
     done_in = [campaign_collection(campaign)]
     progress = []
-    for step in STAGE_STEPS[stage]:
-        run = group_run(campaign, step, group, attempt)
+    for label in STAGES[stage][scope]:
+        spec = LABELS[label]
+        run = group_run(campaign, spec.step, group, attempt)
         butler.registry.registerRun(run)
         chain_run(butler, campaign, run)
-        for label, plan in planners.items():
-            quanta, skipped, blocked = plan(butler, site_cfg.store, run, ids, done_in)
-            p = StepProgress(site, label, group, total=len(quanta) + skipped + len(blocked),
-                             skipped=skipped, blocked=len(blocked))
-            start = time.perf_counter()
-            run_step(butler, site_cfg, address, label, quanta, run, config, batch_size, p)
-            p.seconds = time.perf_counter() - start
-            progress.append(p)
-    report = quarantine(site_cfg, campaign, group, progress)
+        quanta, skipped, blocked = spec.plan(butler, site_cfg.store, run, ids, done_in)
+        p = StepProgress(site, label, group, total=len(quanta) + skipped + len(blocked),
+                         skipped=skipped, blocked=len(blocked))
+        start = time.perf_counter()
+        run_step(butler, site_cfg, (long_address if spec.long and long_address else address),
+                 label, quanta, run, config, batch_size, p)
+        p.seconds = time.perf_counter() - start
+        progress.append(p)
+    report = quarantine(site_cfg, campaign, stage, group, progress)
     failed = sum(p.failed for p in progress)
     if failed:
         logger.warning("site %s group %s: %d quanta failed, quarantined in %s",
                        site, group, failed, report)
     create_markdown_artifact(progress_markdown(progress),
-                             key=artifact_key(f"progress-{site}-{group}"),
+                             key=artifact_key(f"progress-{site}-{stage}-{group}"),
                              description=f"{campaign}: {stage} at {site}, group {group}")
     return [asdict(p) | {"percent": p.percent} for p in progress]

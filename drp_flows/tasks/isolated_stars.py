@@ -21,7 +21,7 @@ MATCH_RADIUS = 1.0        # arcsec
 ISOLATION_RADIUS = 2.0    # arcsec
 MIN_SNR = 10.0
 SOURCE_COLUMNS = ("visit", "detector", "band", "ra", "dec", "psf_flux", "psf_flux_err", "mag",
-                  "mag_err", "snr")
+                  "mag_err", "snr", "ref_id")
 
 
 def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
@@ -43,7 +43,7 @@ def associate(star_tables: list[Table], tract: int, skymap: MiniSkymap) -> tuple
             tables.append(t[ok][list(SOURCE_COLUMNS)])
     empty = Table({"isolated_star_id": np.zeros(0, np.int64)})
     if not tables:
-        return empty, Table({c: [] for c in ("isolated_star_id", *SOURCE_COLUMNS)})
+        return empty, Table({c: [] for c in ("isolated_star_id", "tract", *SOURCE_COLUMNS)})
     src = vstack(tables, metadata_conflicts="silent")
     src = src[skymap.tract_of(np.asarray(src["ra"]), np.asarray(src["dec"])) == tract]
     xyz = unit_vectors(np.asarray(src["ra"]), np.asarray(src["dec"]))
@@ -76,5 +76,6 @@ def associate(star_tables: list[Table], tract: int, skymap: MiniSkymap) -> tuple
     keep = good[label]
     sources = src[keep]
     sources.add_column(new_id[label[keep]], name="isolated_star_id", index=0)
+    sources.add_column(np.full(len(sources), tract), name="tract", index=1)
     sources.sort(["isolated_star_id", "visit"])
     return stars, sources

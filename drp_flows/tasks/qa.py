@@ -15,21 +15,30 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 from scipy.spatial import cKDTree
 
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
+from drp_flows.tasks.global_calib import repeatability
 from drp_flows.tasks.simulate import star_mags
 from drp_flows.tasks.skymap import header_wcs
 
-TARGETS = {"wcs_rms_mas": 10.0, "zp_rms_mmag": 10.0, "completeness50_offset_mag": 0.1}
+TARGETS = {"wcs_rms_mas": 10.0, "zp_rms_mmag": 10.0, "completeness50_offset_mag": 0.1,
+           "global_zp_rms_mmag": 2.0, "pa1_gri_mmag": 5.0, "pa1_uzy_mmag": 7.5,
+           "pa1_chi2": (0.8, 1.3)}
 BRIGHT_SNR = 50.0
 MAG_BINS = np.arange(-3.0, 1.51, 0.1)
 
 
+def check(metric: str, value: float, unit: str, target: str, ok: bool) -> dict:
+    return {"metric": metric, "value": float(value), "unit": unit, "target": target,
+            "pass": bool(ok)}
+
+
 @dataclass
 class Step1QA:
+    name = "step 1: single-frame calibration"
     n_ccd: int = 0
     wcs_rms_mas: float = float("nan")
     zp_rms_mmag: float = float("nan")
@@ -40,17 +49,39 @@ class Step1QA:
 
     def checks(self) -> list[dict]:
         return [
-            {"metric": "single-frame WCS vs truth (bright stars, rms)", "value": self.wcs_rms_mas,
-             "unit": "mas", "target": f"<= {TARGETS['wcs_rms_mas']}",
-             "pass": bool(self.wcs_rms_mas <= TARGETS["wcs_rms_mas"])},
-            {"metric": "single-frame zeropoint vs truth (rms)", "value": self.zp_rms_mmag,
-             "unit": "mmag", "target": f"<= {TARGETS['zp_rms_mmag']}",
-             "pass": bool(self.zp_rms_mmag <= TARGETS["zp_rms_mmag"])},
-            {"metric": "50% completeness (isolated stars) minus m5", "value": self.completeness50_offset_mag,
-             "unit": "mag", "target": f"within +-{TARGETS['completeness50_offset_mag']}",
-             "pass": bool(abs(self.completeness50_offset_mag)
-                          <= TARGETS["completeness50_offset_mag"])},
+            check("single-frame WCS vs truth (bright stars, rms)", self.wcs_rms_mas, "mas",
+                  f"<= {TARGETS['wcs_rms_mas']}", self.wcs_rms_mas <= TARGETS["wcs_rms_mas"]),
+            check("single-frame zeropoint vs truth (rms)", self.zp_rms_mmag, "mmag",
+                  f"<= {TARGETS['zp_rms_mmag']}", self.zp_rms_mmag <= TARGETS["zp_rms_mmag"]),
+            check("50% completeness (isolated stars) minus m5", self.completeness50_offset_mag,
+                  "mag", f"within +-{TARGETS['completeness50_offset_mag']}",
+                  abs(self.completeness50_offset_mag) <= TARGETS["completeness50_offset_mag"]),
         ]
+
+    def summary(self) -> dict:
+        return {"n_ccd": self.n_ccd, "zp_mean_mmag": self.zp_mean_mmag,
+                "completeness": self.completeness}
+
+    def plot(self, plt, out: Path) -> str | None:
+        if not len(self.per_ccd):
+            return None
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+        for band in sorted(set(self.per_ccd["band"])):
+            sel = self.per_ccd["band"] == band
+            ax[0].hist(self.per_ccd["zp_err_mmag"][sel], bins=20, histtype="step", label=band)
+            ax[1].scatter(self.per_ccd["psf_fwhm"][sel], self.per_ccd["wcs_rms_mas"][sel], s=8, label=band)
+        ax[0].set(xlabel="zeropoint - truth (mmag)", ylabel="CCDs", title="Single-frame zeropoint")
+        ax[1].set(xlabel="PSF FWHM (arcsec)", ylabel="WCS rms vs truth (mas)", title="Astrometry")
+        ax[0].legend()
+        ax[1].legend()
+        ax[2].plot(self.completeness["dm"], self.completeness["fraction"], "o-")
+        ax[2].axvline(0, color="k", ls=":")
+        ax[2].axhline(0.5, color="k", ls=":")
+        ax[2].set(xlabel="true mag - m5", ylabel="fraction detected", title="Completeness")
+        fig.tight_layout()
+        fig.savefig(out / "step1_qa.png", dpi=80)
+        plt.close(fig)
+        return "step1_qa.png"
 
 
 def _truth(survey: Path):
@@ -161,41 +192,173 @@ def _crossing(x: np.ndarray, y: np.ndarray, level: float) -> float:
     return float(x[i] + (level - y[i]) * (x[i + 1] - x[i]) / (y[i + 1] - y[i]))
 
 
-def write_report(qa: Step1QA, out: Path, title: str) -> Path:
-    """Markdown + JSON + PNG plots; returns the markdown path."""
+@dataclass
+class Step2QA:
+    """Global calibration against truth: zeropoints of fitted CCDs, and the repeatability
+    (PA1, S/N >= 200) of isolated stars calibrated with them."""
+
+    name = "step 2: global photometric calibration"
+    per_ccd: Table = field(default_factory=Table)
+    pa1: dict = field(default_factory=dict)
+    reserved_pa1: dict = field(default_factory=dict)
+    n_visit_summary: int = 0
+    n_visit: int = 0
+
+    def _rms(self, column: str, band: str | None = None) -> float:
+        if not len(self.per_ccd):
+            return float("nan")
+        t = self.per_ccd[self.per_ccd["status"] == "fit"]
+        values = np.asarray(t[column][t["band"] == band] if band else t[column])
+        values = values[np.isfinite(values)]
+        return float(np.sqrt(np.mean(values ** 2))) if len(values) else float("nan")
+
+    def checks(self) -> list[dict]:
+        rms = self._rms("zp_err_mmag")
+        prelim, offset = self._rms("prelim_offset_mmag"), self._rms("offset_mmag")
+        out = [check("zeropoint after global calibration vs truth (rms)", rms, "mmag",
+                     f"<= {TARGETS['global_zp_rms_mmag']}", rms <= TARGETS["global_zp_rms_mmag"]),
+               check("bright-star magnitudes per CCD vs truth after global calibration (rms)",
+                     offset, "mmag", f"< single-frame {prelim:.2f}", offset < prelim)]
+        lo, hi = TARGETS["pa1_chi2"]
+        for band, p in self.pa1.items():
+            target = TARGETS["pa1_gri_mmag" if band in "gri" else "pa1_uzy_mmag"]
+            out.append(check(f"PA1 {band} ({p['n_star']} stars, S/N >= 200)", p["pa1_mmag"], "mmag",
+                             f"<= {target}", p["pa1_mmag"] <= target))
+            out.append(check(f"PA1 {band}: error-normalised chi2/dof", p["chi2_dof"], "",
+                             f"{lo}-{hi}", lo <= p["chi2_dof"] <= hi))
+        out.append(check("final visit summaries at the campaign site", self.n_visit_summary, "visits",
+                         f"= {self.n_visit}", self.n_visit_summary == self.n_visit))
+        return out
+
+    def summary(self) -> dict:
+        bands = sorted(set(self.per_ccd["band"])) if len(self.per_ccd) else []
+        return {"zp_rms_mmag_by_band": {b: self._rms("zp_err_mmag", b) for b in bands},
+                "single_frame_zp_rms_mmag_by_band": {b: self._rms("prelim_err_mmag", b) for b in bands},
+                "star_offset_rms_mmag_by_band": {b: self._rms("offset_mmag", b) for b in bands},
+                "single_frame_star_offset_rms_mmag_by_band": {b: self._rms("prelim_offset_mmag", b)
+                                                              for b in bands},
+                "pa1": self.pa1, "reserved_stars_repeatability_snr50": self.reserved_pa1}
+
+    def details(self) -> str:
+        """Per-band breakdown: where the pooled numbers come from."""
+        summary = self.summary()
+        lines = ["| band | ZP vs truth, global | single frame | bright stars vs truth, global "
+                 "| single frame | PA1 (mmag) |", "|---|---:|---:|---:|---:|---:|"]
+        for b, rms in summary["zp_rms_mmag_by_band"].items():
+            lines.append(f"| {b} | {rms:.2f} | {summary['single_frame_zp_rms_mmag_by_band'][b]:.2f} | "
+                         f"{summary['star_offset_rms_mmag_by_band'][b]:.2f} | "
+                         f"{summary['single_frame_star_offset_rms_mmag_by_band'][b]:.2f} | "
+                         f"{self.pa1.get(b, {}).get('pa1_mmag', float('nan')):.2f} |")
+        return "Per band (rms over CCDs, mmag):\n\n" + "\n".join(lines)
+
+    def plot(self, plt, out: Path) -> str | None:
+        if not len(self.per_ccd):
+            return None
+        fit = self.per_ccd[self.per_ccd["status"] == "fit"]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        bins = np.linspace(-15, 15, 31)
+        ax[0].hist(fit["prelim_err_mmag"], bins=bins, histtype="step", label="single frame")
+        ax[0].hist(fit["zp_err_mmag"], bins=bins, histtype="stepfilled", alpha=0.5, label="global")
+        ax[0].set(xlabel="zeropoint - truth (mmag)", ylabel="CCDs", title="Zeropoint residuals")
+        ax[0].legend()
+        bands = list(self.pa1)
+        ax[1].bar(bands, [self.pa1[b]["pa1_mmag"] for b in bands])
+        ax[1].axhline(TARGETS["pa1_gri_mmag"], color="k", ls=":")
+        ax[1].set(xlabel="band", ylabel="PA1 (mmag)", title="Repeatability, S/N >= 200")
+        fig.tight_layout()
+        fig.savefig(out / "step2_qa.png", dpi=80)
+        plt.close(fig)
+        return "step2_qa.png"
+
+
+def _magnitude_offsets(sources: Table, zp: dict, truth_stars: Table, mjd: dict,
+                       min_snr: float = 100.0, min_stars: int = 5) -> dict[tuple, float]:
+    """Per CCD, the median of calibrated minus true magnitude of its bright reference stars:
+    the calibration error as a user sees it, free of the flux scale a zeropoint absorbs."""
+    s = sources[(sources["ref_id"] >= 0) & (sources["snr"] >= min_snr)]
+    out = {}
+    keys = np.column_stack([s["visit"], s["detector"]])
+    for visit, detector in np.unique(keys, axis=0):
+        on = s[(keys[:, 0] == visit) & (keys[:, 1] == detector)]
+        if len(on) < min_stars or (int(visit), int(detector)) not in zp:
+            continue
+        true = star_mags(truth_stars[np.searchsorted(truth_stars["id"], on["ref_id"])],
+                         on["band"][0], mjd[int(visit)])
+        cal = zp[(int(visit), int(detector))] - 2.5 * np.log10(np.asarray(on["psf_flux"], float))
+        out[(int(visit), int(detector))] = float(np.median(cal - true))
+    return out
+
+
+def step2_qa(butler: Butler, collection: str, survey: Path) -> Step2QA:
+    """QA of the global calibration, at the campaign site that holds every site's stars."""
+    truth_ccd, visits, truth_stars = _truth(survey)
+    truth_stars.sort("id")
+    mjd = {int(v["visit"]): float(v["mjd"]) for v in visits}
+    qa = Step2QA()
+    registry = butler.registry
+    zps = list(registry.queryDatasets("fgcm_zeropoints", collections=collection, findFirst=True))
+    prelims = list(registry.queryDatasets("preliminary_visit_summary", collections=collection,
+                                          findFirst=True))
+    qa.n_visit = len(prelims)
+    qa.n_visit_summary = len(list(registry.queryDatasets("visit_summary", collections=collection,
+                                                         findFirst=True)))
+    if not zps:
+        return qa
+    zeropoints = butler.get(zps[0])
+    prelim = vstack([butler.get(r) for r in prelims], metadata_conflicts="silent")
+    prelim_zp = {(int(r["visit"]), int(r["detector"])): r["zero_point"] for r in prelim}
+    true = np.array([truth_ccd[(int(v), int(d))]["zp_true"]
+                     for v, d in zip(zeropoints["visit"], zeropoints["detector"], strict=True)])
+    per = zeropoints["visit", "detector", "band", "status"]
+    per["zp_err_mmag"] = (zeropoints["zero_point"] - true) * 1000
+    per["prelim_err_mmag"] = np.array([prelim_zp[(int(v), int(d))] for v, d in
+                                       zip(per["visit"], per["detector"], strict=True)]) * 1000 - true * 1000
+    sources = vstack([butler.get(r) for r in registry.queryDatasets(
+        "isolated_star_source", collections=collection, findFirst=True)], metadata_conflicts="silent")
+    keys = [(int(v), int(d)) for v, d in zip(per["visit"], per["detector"], strict=True)]
+    for column, zp in (("offset_mmag", dict(zip(keys, zeropoints["zero_point"], strict=True))),
+                       ("prelim_offset_mmag", prelim_zp)):
+        offsets = _magnitude_offsets(sources, zp, truth_stars, mjd)
+        per[column] = np.array([offsets.get(k, np.nan) for k in keys]) * 1000
+    qa.per_ccd = per
+    qa.pa1 = repeatability(sources, zeropoints)
+    stars = butler.get("fgcm_standard_star", instrument=INSTRUMENT, collections=collection)
+    held_out = {(int(t), int(i)) for t, i, r in
+                zip(stars["tract"], stars["isolated_star_id"], stars["reserved"], strict=True) if r}
+    keep = np.array([(int(t), int(i)) in held_out for t, i in
+                     zip(sources["tract"], sources["isolated_star_id"], strict=True)], bool)
+    qa.reserved_pa1 = repeatability(sources[keep], zeropoints, min_snr=50.0)
+    return qa
+
+
+def write_report(sections: list, out: Path, title: str) -> Path:
+    """Markdown + JSON + PNG plots of QA sections (each with name, checks, summary, plot);
+    returns the markdown path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    checks = qa.checks()
-    (out / "qa.json").write_text(json.dumps({"n_ccd": qa.n_ccd, "checks": checks,
-                                             "zp_mean_mmag": qa.zp_mean_mmag,
-                                             "completeness": qa.completeness}, indent=1))
-    if len(qa.per_ccd):
-        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-        for band in sorted(set(qa.per_ccd["band"])):
-            sel = qa.per_ccd["band"] == band
-            ax[0].hist(qa.per_ccd["zp_err_mmag"][sel], bins=20, histtype="step", label=band)
-            ax[1].scatter(qa.per_ccd["psf_fwhm"][sel], qa.per_ccd["wcs_rms_mas"][sel], s=8, label=band)
-        ax[0].set(xlabel="zeropoint - truth (mmag)", ylabel="CCDs", title="Single-frame zeropoint")
-        ax[1].set(xlabel="PSF FWHM (arcsec)", ylabel="WCS rms vs truth (mas)", title="Astrometry")
-        ax[0].legend()
-        ax[1].legend()
-        ax[2].plot(qa.completeness["dm"], qa.completeness["fraction"], "o-")
-        ax[2].axvline(0, color="k", ls=":")
-        ax[2].axhline(0.5, color="k", ls=":")
-        ax[2].set(xlabel="true mag - m5", ylabel="fraction detected", title="Completeness")
-        fig.tight_layout()
-        fig.savefig(out / "step1_qa.png", dpi=80)
-        plt.close(fig)
-    lines = [f"# {title}", "", f"{qa.n_ccd} CCDs checked against the simulation's truth.", "",
-             "| metric | value | target | result |", "|---|---:|---|---|"]
-    for c in checks:
-        lines.append(f"| {c['metric']} | {c['value']:.2f} {c['unit']} | {c['target']} | "
-                     f"{'PASS' if c['pass'] else 'FAIL'} |")
-    lines += ["", "![step 1 QA](step1_qa.png)", ""]
+    lines = [f"# {title}", "", "Every metric against the simulation's truth, with its target.", ""]
+    doc = {}
+    for section in sections:
+        checks = section.checks()
+        doc[section.name] = {"checks": checks, **section.summary()}
+        lines += [f"## {section.name}", "", checks_markdown(checks), ""]
+        if hasattr(section, "details"):
+            lines += [section.details(), ""]
+        png = section.plot(plt, out)
+        if png:
+            lines += [f"![{section.name}]({png})", ""]
+    (out / "qa.json").write_text(json.dumps(doc, indent=1, default=float))
     path = out / "qa.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def checks_markdown(checks: list[dict]) -> str:
+    lines = ["| metric | value | target | result |", "|---|---:|---|---|"]
+    lines += [f"| {c['metric']} | {c['value']:.2f} {c['unit']} | {c['target']} | "
+              f"{'PASS' if c['pass'] else 'FAIL'} |" for c in checks]
+    return "\n".join(lines)

@@ -52,7 +52,7 @@ class SurveyConfig:
     seed: int = 42
     ccd_size: int = 512
     nights: int = 3
-    rounds_per_night: int = 3     # visits of every tract per night, in cycling bands
+    rounds_per_night: int = 3     # visits of every tract per night, one band per round
     bands: tuple[str, ...] = BANDS
     ra: float = 53.10             # field centre (the ECDFS, a ComCam field)
     dec: float = -28.10
@@ -115,14 +115,17 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 def plan_visits(cfg: SurveyConfig) -> list[Visit]:
-    """The cadence: every night, `rounds_per_night` rounds over all tracts, bands cycling."""
+    """The cadence: every night, `rounds_per_night` rounds over all tracts. Round r of tract t
+    is always in band (t + r) mod 6, so a tract sees `rounds_per_night` bands, each once a
+    night: repeats in one band come on different nights, which the global calibration, the
+    templates, light curves and asteroid linking all need; all bands appear over the tracts."""
     rng = _rng(cfg.seed, 1)
     sky = cfg.skymap
     visits, k = [], 0
     for night in range(cfg.nights):
         for rnd in range(cfg.rounds_per_night):
             for tract in sky.tracts:
-                band = cfg.bands[(night * cfg.rounds_per_night + rnd + tract) % len(cfg.bands)]
+                band = cfg.bands[(rnd + tract) % len(cfg.bands)]
                 ra0, dec0 = sky.tract_center(tract)
                 dra, ddec = rng.uniform(-1, 1, 2) * cfg.dither_arcsec / 3600
                 ra = ra0 + dra / np.cos(np.radians(dec0))

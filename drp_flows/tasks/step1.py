@@ -38,13 +38,13 @@ SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zer
 
 def output_uri(storage: Storage, run: str, dataset_type: str, data_id: dict) -> str:
     """Where a quantum writes an output: <datastore>/<run>/<type>/<visit>/<type>_<ids>.<ext>."""
-    ids = "_".join(str(data_id[k]) for k in sorted(data_id))
-    folder = str(data_id.get("visit", data_id.get("tract", "")))
-    name = f"{dataset_type}_{INSTRUMENT}_{ids}{DATASET_TYPES[dataset_type].extension}"
-    return storage.join("repo", run, dataset_type, folder, name)
+    name = "_".join([dataset_type, INSTRUMENT] + [str(data_id[k]) for k in sorted(data_id)])
+    folder = [str(data_id[k]) for k in ("visit", "tract") if k in data_id][:1]
+    return storage.join("repo", run, dataset_type, *folder,
+                        name + DATASET_TYPES[dataset_type].extension)
 
 
-def _uri(butler: Butler, storage: Storage, ref) -> str:
+def dataset_uri(butler: Butler, storage: Storage, ref) -> str:
     return storage.from_butler_uri(butler.getURI(ref))
 
 
@@ -73,7 +73,7 @@ def done_quanta(butler: Butler, collections: list[str], outputs: tuple[str, ...]
     return done or set()
 
 
-def _key(data_id: dict) -> tuple:
+def data_key(data_id: dict) -> tuple:
     return tuple(sorted(data_id.items()))
 
 
@@ -94,11 +94,11 @@ def plan_calibrate(butler: Butler, storage: Storage, run: str, visits: list[int]
     for ref in sorted(raws, key=lambda r: (r.dataId["exposure"], r.dataId["detector"])):
         visit, detector = int(ref.dataId["exposure"]), int(ref.dataId["detector"])
         data_id = {"visit": visit, "detector": detector}
-        if _key(data_id) in done:
+        if data_key(data_id) in done:
             skipped += 1
             continue
         exposure = butler.registry.expandDataId(ref.dataId)
-        inputs = {"raw": _uri(butler, storage, ref), "band": exposure["band"]}
+        inputs = {"raw": dataset_uri(butler, storage, ref), "band": exposure["band"]}
         for calib in ("bias", "dark", "flat"):
             key = (calib, detector, exposure["physical_filter"] if calib == "flat" else "")
             if key not in calib_cache:
@@ -106,12 +106,12 @@ def plan_calibrate(butler: Butler, storage: Storage, run: str, visits: list[int]
                                            timespan=exposure.timespan)
                 if cref is None:
                     raise LookupError(f"no {calib} for {dict(exposure.required)} in {CALIB_COLLECTION}")
-                calib_cache[key] = _uri(butler, storage, cref)
+                calib_cache[key] = dataset_uri(butler, storage, cref)
             inputs[calib] = calib_cache[key]
         if visit not in shard_cache:
             shards = butler.registry.queryDataIds(["htm7"], instrument=INSTRUMENT, visit=visit)
             refs = [butler.find_dataset(REFCAT, d, collections=DEFAULTS) for d in shards]
-            shard_cache[visit] = sorted(_uri(butler, storage, r) for r in refs if r is not None)
+            shard_cache[visit] = sorted(dataset_uri(butler, storage, r) for r in refs if r is not None)
         inputs["refcat"] = shard_cache[visit]
         quanta.append(Quantum(CALIBRATE, data_id, inputs,
                               {o: output_uri(storage, run, o, data_id) for o in outputs}))
@@ -132,11 +132,11 @@ def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[in
                                                  instrument=INSTRUMENT):
             v = int(ref.dataId["visit"])
             if v in per_visit:
-                per_visit[v].setdefault(name, []).append(_uri(butler, storage, ref))
+                per_visit[v].setdefault(name, []).append(dataset_uri(butler, storage, ref))
     quanta, skipped, blocked = [], 0, []
     for visit in visits:
         data_id = {"visit": visit}
-        if _key(data_id) in done:
+        if data_key(data_id) in done:
             skipped += 1
             continue
         inputs = per_visit[visit]
@@ -161,13 +161,13 @@ def plan_associate(butler: Butler, storage: Storage, run: str, tracts: list[int]
     quanta, skipped, blocked = [], 0, []
     for tract in tracts:
         data_id = {"skymap": SKYMAP_NAME, "tract": tract}
-        if _key(data_id) in done:
+        if data_key(data_id) in done:
             skipped += 1
             continue
         refs = [] if not existing else butler.registry.queryDatasets(
             "single_visit_star", collections=existing, findFirst=True, instrument=INSTRUMENT,
             where="skymap = sm AND tract = t", bind={"sm": SKYMAP_NAME, "t": tract})
-        uris = sorted({_uri(butler, storage, r) for r in refs})
+        uris = sorted({dataset_uri(butler, storage, r) for r in refs})
         if not uris:
             blocked.append(data_id)
             continue
@@ -241,13 +241,3 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
     stars = vstack(tables, metadata_conflicts="silent") if tables else Table()
     stars.meta = {"visit": quantum.data_id["visit"]}
     out.write("single_visit_star", table_bytes(stars))
-
-
-STEP_FUNCTIONS = {CALIBRATE: calibrate_image, CONSOLIDATE: consolidate_visit,
-                  ASSOCIATE: associate_isolated_stars}
-# the order in which step 1's labels are planned and run (each sees the previous one's
-# outputs): per group of visits, then per tract once every visit group of the site is done
-PLANNERS = {CALIBRATE: plan_calibrate, CONSOLIDATE: plan_consolidate}
-TRACT_PLANNERS = {ASSOCIATE: plan_associate}
-# BPS-style clustering dimensions of each step's quanta
-CLUSTER_DIMENSIONS = {CALIBRATE: ("visit",), CONSOLIDATE: (), ASSOCIATE: ()}

@@ -1,0 +1,36 @@
+"""The pipeline: every task label with its step, quantum function, planner and clustering.
+
+A planner turns a group's data IDs into quanta against the site Butler (skipping what is
+registered, marking blocked what lacks inputs); the quantum function runs on a Dask worker.
+Labels marked `long` run on the site's long-quantum cluster when it has one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from drp_flows.tasks import step1, step2
+from drp_flows.tasks.quanta import StepFunction
+
+Planner = Callable[..., tuple[list, int, list[dict]]]
+
+
+@dataclass(frozen=True)
+class Label:
+    step: str
+    run: StepFunction
+    plan: Planner
+    cluster_by: tuple[str, ...] = ()     # BPS-style clustering dimensions
+    long: bool = False
+
+
+LABELS = {
+    step1.CALIBRATE: Label("step1", step1.calibrate_image, step1.plan_calibrate, ("visit",)),
+    step1.CONSOLIDATE: Label("step1", step1.consolidate_visit, step1.plan_consolidate),
+    step1.ASSOCIATE: Label("step1", step1.associate_isolated_stars, step1.plan_associate),
+    step2.FIT_CYCLE: Label("step2", step2.run_fit_cycle, step2.plan_fit_cycle, long=True),
+    step2.OUTPUT_PRODUCTS: Label("step2", step2.run_output_products, step2.plan_output_products),
+    step2.UPDATE_VISIT_SUMMARY: Label("step2", step2.run_update_visit_summary,
+                                      step2.plan_update_visit_summary),
+}

@@ -1,0 +1,148 @@
+"""Step 2 as quanta: the global photometric fit at the campaign site (fgcmFitCycle), its split
+into one calibration per visit (fgcmOutputProducts), and, at the sites that hold the visits,
+the final visit summary and recalibrated star table (updateVisitSummary).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from astropy.table import Table, vstack
+from lsst.daf.butler import Butler
+
+from drp_flows.datamodel import DEFAULTS, REFCAT
+from drp_flows.sites.storage import Storage
+from drp_flows.tasks.catalogs import read_table, table_bytes
+from drp_flows.tasks.global_calib import fit_cycle
+from drp_flows.tasks.quanta import OutputWriter, Quantum
+from drp_flows.tasks.step1 import data_key, dataset_uri, done_quanta, existing_collections, output_uri
+
+FIT_CYCLE = "fgcmFitCycle"
+OUTPUT_PRODUCTS = "fgcmOutputProducts"
+UPDATE_VISIT_SUMMARY = "updateVisitSummary"
+
+
+def _find(butler: Butler, storage: Storage, dataset_type: str, collections: list[str],
+          **where) -> dict[int, str]:
+    """URIs of a per-visit dataset type, by visit (find-first in the collections)."""
+    existing = existing_collections(butler, collections)
+    if not existing:
+        return {}
+    refs = butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True, **where)
+    return {int(r.dataId["visit"]): dataset_uri(butler, storage, r) for r in refs}
+
+
+def plan_fit_cycle(butler: Butler, storage: Storage, run: str, ids: list[int],
+                   collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+    """One quantum over every isolated star of the campaign (all tracts, all sites' visits:
+    they were fanned in to this site) and every preliminary zeropoint."""
+    outputs = ("fgcm_zeropoints", "fgcm_standard_star")
+    if data_key({}) in done_quanta(butler, collections, outputs):
+        return [], 1, []
+    existing = existing_collections(butler, collections)
+    sources = [] if not existing else butler.registry.queryDatasets(
+        "isolated_star_source", collections=existing, findFirst=True)
+    source_uris = sorted(dataset_uri(butler, storage, r) for r in sources)
+    summaries = sorted(_find(butler, storage, "preliminary_visit_summary", collections).values())
+    if not source_uris or not summaries:
+        return [], 0, [{}]
+    refcat = sorted(dataset_uri(butler, storage, r) for r in butler.registry.queryDatasets(
+        REFCAT, collections=DEFAULTS, findFirst=True))
+    inputs = {"isolated_star_source": source_uris, "preliminary_visit_summary": summaries,
+              "refcat": refcat}
+    return [Quantum(FIT_CYCLE, {}, inputs, {o: output_uri(storage, run, o, {}) for o in outputs})], 0, []
+
+
+def plan_output_products(butler: Butler, storage: Storage, run: str, ids: list[int],
+                         collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+    """One fgcm_photo_calib per visit that has a preliminary summary; blocked without a fit."""
+    done = done_quanta(butler, collections, ("fgcm_photo_calib",))
+    visits = sorted(_find(butler, storage, "preliminary_visit_summary", collections))
+    existing = existing_collections(butler, collections)
+    fits_ = [] if not existing else list(butler.registry.queryDatasets(
+        "fgcm_zeropoints", collections=existing, findFirst=True))
+    quanta, skipped, blocked = [], 0, []
+    for visit in visits:
+        data_id = {"visit": visit}
+        if data_key(data_id) in done:
+            skipped += 1
+        elif not fits_:
+            blocked.append(data_id)
+        else:
+            quanta.append(Quantum(
+                OUTPUT_PRODUCTS, data_id, {"fgcm_zeropoints": dataset_uri(butler, storage, fits_[0])},
+                {"fgcm_photo_calib": output_uri(storage, run, "fgcm_photo_calib", data_id)}))
+    return quanta, skipped, blocked
+
+
+def plan_update_visit_summary(butler: Butler, storage: Storage, run: str, visits: list[int],
+                              collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+    """Final summary and recalibrated stars per visit; blocked until its calibration arrived."""
+    outputs = ("visit_summary", "recalibrated_star")
+    done = done_quanta(butler, collections, outputs)
+    inputs = {name: _find(butler, storage, name, collections)
+              for name in ("preliminary_visit_summary", "single_visit_star", "fgcm_photo_calib")}
+    quanta, skipped, blocked = [], 0, []
+    for visit in visits:
+        data_id = {"visit": visit}
+        if data_key(data_id) in done:
+            skipped += 1
+        elif not all(visit in found for found in inputs.values()):
+            blocked.append(data_id)
+        else:
+            quanta.append(Quantum(UPDATE_VISIT_SUMMARY, data_id,
+                                  {name: found[visit] for name, found in inputs.items()},
+                                  {o: output_uri(storage, run, o, data_id) for o in outputs}))
+    return quanta, skipped, blocked
+
+
+def run_fit_cycle(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
+    """The global fit over the whole campaign (runs on a worker of the long pool)."""
+    sources = [read_table(storage, u) for u in quantum.inputs["isolated_star_source"]]
+    summaries = [read_table(storage, u) for u in quantum.inputs["preliminary_visit_summary"]]
+    ref = vstack([read_table(storage, u) for u in quantum.inputs["refcat"]])
+    zeropoints, stars = fit_cycle(sources, ref, summaries)
+    out.write("fgcm_zeropoints", table_bytes(zeropoints))
+    out.write("fgcm_standard_star", table_bytes(stars))
+
+
+@lru_cache(maxsize=2)
+def _zeropoints(storage: Storage, uri: str) -> Table:
+    return read_table(storage, uri)
+
+
+def run_output_products(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
+    """The calibration of one visit: a row per detector (zero point, error, how it was fit)."""
+    zps = _zeropoints(storage, quantum.inputs["fgcm_zeropoints"])
+    calib = zps[zps["visit"] == quantum.data_id["visit"]]
+    calib.meta = {"visit": quantum.data_id["visit"]}
+    out.write("fgcm_photo_calib", table_bytes(calib))
+
+
+def run_update_visit_summary(quantum: Quantum, storage: Storage, out: OutputWriter,
+                             config: dict) -> None:
+    """Apply a visit's global calibration: the final visit summary (global zero point, its
+    change from single-frame calibration, depth with it) and the star table in calibrated mags."""
+    summary = read_table(storage, quantum.inputs["preliminary_visit_summary"])
+    calib = read_table(storage, quantum.inputs["fgcm_photo_calib"])
+    by_detector = {int(d): k for k, d in enumerate(calib["detector"])}
+    missing = [int(d) for d in summary["detector"] if int(d) not in by_detector]
+    if missing:
+        raise LookupError(f"visit {quantum.data_id['visit']}: no global calibration for detectors {missing}")
+    rows = [by_detector[int(d)] for d in summary["detector"]]
+    zp = np.asarray(calib["zero_point"])[rows]
+    summary["delta_zero_point"] = zp - summary["zero_point"]
+    summary["m5"] = summary["m5"] + summary["delta_zero_point"]
+    summary["zero_point"] = zp
+    summary["zero_point_err"] = np.asarray(calib["zero_point_err"])[rows]
+    summary["calib_status"] = np.asarray(calib["status"])[rows]
+    out.write("visit_summary", table_bytes(summary))
+
+    stars = read_table(storage, quantum.inputs["single_visit_star"])
+    if len(stars):
+        zp_of = dict(zip(summary["detector"], zp, strict=True))
+        star_zp = np.array([zp_of[d] for d in stars["detector"]])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stars["mag"] = star_zp - 2.5 * np.log10(stars["psf_flux"])
+    out.write("recalibrated_star", table_bytes(stars))
