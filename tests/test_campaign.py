@@ -110,7 +110,8 @@ def test_global_calibration_moved_and_applied(result, local_sites):
     own visits, applied them, and sent the final summaries back; every transfer verified."""
     sites = load_sites(local_sites)
     fit = [r for r in result["progress"] if r["step"] == "fgcmFitCycle"]
-    assert len(fit) == 1 and fit[0]["done"] == 1
+    assert len(fit) == 1 and fit[0]["done"] == 1 and fit[0]["pool"] == "long"
+    assert {r["pool"] for r in result["progress"] if r["step"] != "fgcmFitCycle"} == {"short"}
     moved = {(t["label"], t["source"], t["destination"]): t for t in result["transfers"]}
     assert len(moved) == 6
     for t in moved.values():

@@ -52,6 +52,7 @@ class StepProgress:
     blocked: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    pool: str = "short"          # the cluster it ran on: short, or long (long_cluster)
     failures: list[dict] = field(default_factory=list)
 
     @property
@@ -146,11 +147,12 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
         butler.registry.registerRun(run)
         chain_run(butler, campaign, run)
         quanta, skipped, blocked = spec.plan(butler, site_cfg.store, run, ids, done_in)
+        long = spec.long and long_address is not None
         p = StepProgress(site, label, group, total=len(quanta) + skipped + len(blocked),
-                         skipped=skipped, blocked=len(blocked))
+                         skipped=skipped, blocked=len(blocked), pool="long" if long else "short")
         start = time.perf_counter()
-        run_step(butler, site_cfg, (long_address if spec.long and long_address else address),
-                 label, quanta, run, config, batch_size, p)
+        run_step(butler, site_cfg, long_address if long else address, label, quanta, run, config,
+                 batch_size, p)
         p.seconds = time.perf_counter() - start
         progress.append(p)
     report = quarantine(site_cfg, campaign, stage, group, progress)

@@ -87,15 +87,18 @@ def centroids(image: np.ndarray, objs: Table, fwhm_px: float) -> tuple[np.ndarra
 
 
 def measure_fwhm(image: np.ndarray, bkg_var: np.ndarray, objs: Table, guess_px: float) -> float:
-    """PSF FWHM (pixels): clipped median of Moffat fits to bright, unblended stars."""
+    """PSF FWHM (pixels): clipped median of Moffat fits to the brightest unblended stars.
+
+    Only stars at significance > 200 (at least the ten brightest): fits to fainter ones scatter
+    and lean on the background, and the PSF flux scale follows the FWHM (1% in FWHM is ~10
+    mmag in zeropoint); with them the per-CCD FWHM error was 0.45% rms, without 0.15%.
+    """
     unblended = objs[~objs["blended"]]
     unblended.sort("significance", reverse=True)
-    sel = unblended["significance"] > 30
-    if sel.sum() < 3:       # few bright stars (small CCD, blue band): take the brightest ten
-        sel = np.arange(len(unblended)) < 10
-    if sel.sum() < 3:
-        raise CalibrationError(f"only {sel.sum()} unblended stars to measure the PSF")
-    objs = unblended[sel]
+    n = max(int((unblended["significance"] > 200).sum()), min(10, len(unblended)))
+    if n < 3:
+        raise CalibrationError(f"only {n} unblended stars to measure the PSF")
+    objs = unblended[:n]
     x, y = centroids(image, objs, guess_px)
     fwhm = fit_fwhm(image, bkg_var, x, y, guess_px)
     return float(sigma_clipped_stats(fwhm, sigma=3)[1])
