@@ -212,7 +212,8 @@ def fit_cycle(sources: list[Table], ref: Table, summaries: list[Table]) -> tuple
 
 def repeatability(obs: Table, zeropoints: Table, min_snr: float = PA1_SNR) -> dict:
     """PA1 per band: the median over bright stars of the rms of their calibrated magnitudes,
-    and the error-normalised chi2/dof of the same repeats."""
+    and the error-normalised chi2/dof of the same repeats. A few variable stars would own a
+    summed chi2, so stars beyond chi2/dof = 25 (a 5-sigma star) are counted, not summed."""
     zp = {(int(v), int(d)): float(p) for v, d, p in
           zip(zeropoints["visit"], zeropoints["detector"], zeropoints["zero_point"], strict=True)}
     out = {}
@@ -236,7 +237,8 @@ def repeatability(obs: Table, zeropoints: Table, min_snr: float = PA1_SNR) -> di
         rms = np.sqrt(np.bincount(s, (mag - mean[s]) ** 2) / np.maximum(n - 1, 1))
         chi2 = np.bincount(s, ((mag - mean_w[s]) / err) ** 2)
         multi = n >= 2
+        steady = multi & (chi2 / np.maximum(n - 1, 1) <= 25)
         out[band] = {"pa1_mmag": float(np.median(rms[multi]) * 1000),
-                     "chi2_dof": float(chi2[multi].sum() / (n[multi] - 1).sum()),
-                     "n_star": int(multi.sum())}
+                     "chi2_dof": float(chi2[steady].sum() / max((n[steady] - 1).sum(), 1)),
+                     "n_star": int(multi.sum()), "n_outlier": int((multi & ~steady).sum())}
     return out

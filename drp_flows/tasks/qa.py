@@ -224,8 +224,9 @@ class Step2QA:
             target = TARGETS["pa1_gri_mmag" if band in "gri" else "pa1_uzy_mmag"]
             out.append(check(f"PA1 {band} ({p['n_star']} stars, S/N >= 200)", p["pa1_mmag"], "mmag",
                              f"<= {target}", p["pa1_mmag"] <= target))
-            out.append(check(f"PA1 {band}: error-normalised chi2/dof", p["chi2_dof"], "",
-                             f"{lo}-{hi}", lo <= p["chi2_dof"] <= hi))
+            out.append(check(f"PA1 {band}: error-normalised chi2/dof ({p['n_outlier']} stars beyond "
+                             f"5 sigma, variables, left out)", p["chi2_dof"], "", f"{lo}-{hi}",
+                             lo <= p["chi2_dof"] <= hi))
         out.append(check("final visit summaries at the campaign site", self.n_visit_summary, "visits",
                          f"= {self.n_visit}", self.n_visit_summary == self.n_visit))
         return out
