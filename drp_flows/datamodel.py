@@ -45,6 +45,7 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("fgcm_photo_calib", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("visit_summary", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("recalibrated_star", ("instrument", "visit"), "ArrowAstropy"),
+    DatasetTypeSpec("deep_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
 ]}
 
 REFCAT = "the_monster_sim"

@@ -41,7 +41,8 @@ def test_every_site_ran_its_share(result, local_sites):
     steps = {(r["site"], r["step"]) for r in result["progress"]}
     assert steps == {(s, st) for s in sites.sites for st in (
         "calibrateImage", "consolidateVisitSummary", "isolatedStarAssociation",
-        "updateVisitSummary")} | {("usdf", "fgcmFitCycle"), ("usdf", "fgcmOutputProducts")}
+        "updateVisitSummary", "assembleCoadd")} | {("usdf", "fgcmFitCycle"),
+                                                   ("usdf", "fgcmOutputProducts")}
     for name, site in sites.sites.items():
         butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
         raws = list(butler.registry.queryDatasets("raw", collections="ComCamSim/raw/all"))
@@ -111,7 +112,8 @@ def test_global_calibration_moved_and_applied(result, local_sites):
     sites = load_sites(local_sites)
     fit = [r for r in result["progress"] if r["step"] == "fgcmFitCycle"]
     assert len(fit) == 1 and fit[0]["done"] == 1 and fit[0]["pool"] == "long"
-    assert {r["pool"] for r in result["progress"] if r["step"] != "fgcmFitCycle"} == {"short"}
+    assert {r["pool"] for r in result["progress"]
+            if r["step"] not in ("fgcmFitCycle", "assembleCoadd")} == {"short"}
     moved = {(t["label"], t["source"], t["destination"]): t for t in result["transfers"]}
     assert len(moved) == 6
     for t in moved.values():
@@ -181,3 +183,40 @@ def test_isolated_stars_per_tract_against_truth(result, local_sites, survey):
             assert np.mean(sidx == idx[np.asarray(sources["isolated_star_id"])]) > 0.99
             repeated += int((stars["nsource"] >= 2).sum())
     assert repeated > 100          # stars seen on more than one visit: what step 2 fits
+
+
+def test_coadds_against_truth(result, local_sites, survey):
+    """Every site coadds its own tracts, every patch and band it observed; bright isolated
+    stars have their true AB flux (nJy) in the coadd."""
+    import sep
+    from astropy.table import Table
+    from scipy.spatial import cKDTree
+
+    from drp_flows.tasks.simulate import star_mags
+    from drp_flows.tasks.skymap import header_wcs
+
+    truth = Table.read(survey / "truth" / "stars.parquet")
+    truth = truth[truth["var_amplitude"] == 0]
+    rows = [r for r in result["progress"] if r["step"] == "assembleCoadd"]
+    assert all(r["done"] == r["total"] > 0 and r["failed"] == 0 for r in rows)
+    ratios = []
+    for site in load_sites(local_sites).sites.values():
+        butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+        refs = list(butler.registry.queryDatasets("deep_coadd"))
+        assert {r.dataId["tract"] for r in refs} == set(site.sky.tracts)
+        assert {r.dataId["patch"] for r in refs} == {0, 1, 2, 3}
+        for ref in refs:
+            hdul = butler.get(ref)
+            image = np.ascontiguousarray(hdul["IMAGE"].data, dtype=float)
+            wcs = header_wcs(hdul["IMAGE"].header)
+            mags = star_mags(truth, ref.dataId["band"], 0.0)
+            x, y = wcs.all_world2pix(truth["ra"], truth["dec"], 0)
+            ny, nx = image.shape
+            near = cKDTree(np.column_stack([x, y])).query_ball_point(np.column_stack([x, y]), 40)
+            bright = np.flatnonzero((mags < 20) & (x > 40) & (x < nx - 40) & (y > 40) & (y < ny - 40))
+            alone = [i for i in bright if all(mags[j] > mags[i] + 5 for j in near[i] if j != i)]
+            alone = [i for i in alone if hdul["MASK"].data[int(y[i]), int(x[i])] == 0]
+            flux, _, _ = sep.sum_circle(image, x[alone], y[alone], 15.0)
+            ratios += list(flux / 10 ** (0.4 * (31.4 - mags[alone])))
+    assert len(ratios) > 20
+    assert abs(np.median(ratios) - 1) < 0.02, np.median(ratios)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drp_flows.tasks import step1, step2
+from drp_flows.tasks import step1, step2, step3
 from drp_flows.tasks.quanta import StepFunction
 
 Planner = Callable[..., tuple[list, int, list[dict]]]
@@ -33,4 +33,5 @@ LABELS = {
     step2.OUTPUT_PRODUCTS: Label("step2", step2.run_output_products, step2.plan_output_products),
     step2.UPDATE_VISIT_SUMMARY: Label("step2", step2.run_update_visit_summary,
                                       step2.plan_update_visit_summary),
+    step3.ASSEMBLE_COADD: Label("step3", step3.assemble_coadd, step3.plan_assemble_coadd, long=True),
 }
