@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drp_flows.tasks.camera import INSTRUMENT
+from drp_flows.tasks.property_maps import MAPS as PROPERTY_MAPS
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class DatasetTypeSpec:
 
     @property
     def extension(self) -> str:
-        return {"FitsHDUList": ".fits", "ArrowAstropy": ".parq"}.get(self.storage_class, ".yaml")
+        return {"FitsHDUList": ".fits", "ArrowAstropy": ".parq",
+                "HealSparseMap": ".hsp"}.get(self.storage_class, ".yaml")
 
 
 DATASET_TYPES = {d.name: d for d in [
@@ -46,6 +48,8 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("visit_summary", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("recalibrated_star", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("deep_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
+    *[DatasetTypeSpec(f"deep_coadd_{name}", ("skymap", "tract", "band"), "HealSparseMap")
+      for name in PROPERTY_MAPS],
 ]}
 
 REFCAT = "the_monster_sim"

@@ -41,8 +41,8 @@ def test_every_site_ran_its_share(result, local_sites):
     steps = {(r["site"], r["step"]) for r in result["progress"]}
     assert steps == {(s, st) for s in sites.sites for st in (
         "calibrateImage", "consolidateVisitSummary", "isolatedStarAssociation",
-        "updateVisitSummary", "assembleCoadd")} | {("usdf", "fgcmFitCycle"),
-                                                   ("usdf", "fgcmOutputProducts")}
+        "updateVisitSummary", "assembleCoadd", "healSparsePropertyMaps")} | {
+            ("usdf", "fgcmFitCycle"), ("usdf", "fgcmOutputProducts")}
     for name, site in sites.sites.items():
         butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
         raws = list(butler.registry.queryDatasets("raw", collections="ComCamSim/raw/all"))
@@ -103,6 +103,8 @@ def test_qa_against_truth(result):
     pa1 = [c for c in result["qa"] if c["metric"].startswith("PA1") and "chi2" not in c["metric"]]
     assert len(pa1) >= 4 and all(c["pass"] for c in pa1), pa1
     assert checks["final visit summaries at the campaign site"]["pass"], checks
+    maps = [c for c in result["qa"] if c["metric"].startswith(("n_exposure", "exposure-time"))]
+    assert len(maps) == 2 and all(c["pass"] for c in maps), maps
     assert result["qa_report"].endswith("qa.md")
 
 

@@ -33,9 +33,10 @@ from drp_flows.sites.clusters import running_cluster
 from drp_flows.sites.config import LOCAL_SITES, load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
-from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, write_report
+from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
 from drp_flows.tasks.skymap import MiniSkymap
 from drp_flows.tasks.step1 import existing_collections
+from drp_flows.tasks.step3 import MAP_TYPES
 from drp_flows.tasks.transfer import Ledger, plan_transfer, transfer
 
 
@@ -146,7 +147,8 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
     collection = campaign_collection(campaign)
     home = sites[sites.campaign_site]
     sections = [step1_qa(butlers, collection, Path(survey)),
-                step2_qa(open_butler(home), collection, Path(survey))]
+                step2_qa(open_butler(home), collection, Path(survey)),
+                step3_qa(open_butler(home), collection, Path(survey))]
     checks = [c for section in sections for c in section.checks()]
     store = home.store
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +186,8 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
         rows += run("global", only=home)
         ledgers += fan_out(site_file, campaign, "global calibration out", ["fgcm_photo_calib"])
         rows += run("stage2")
-        ledgers += fan_in(site_file, campaign, "final visit summaries in", ["visit_summary"])
+        ledgers += fan_in(site_file, campaign, "final visit summaries and property maps in",
+                          ["visit_summary", *MAP_TYPES])
     table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
                                for r in rows])
     create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"

@@ -35,7 +35,8 @@ from drp_flows.tasks.register import Registration, register_outputs
 STAGES = {
     "stage1": {"visit": [step1.CALIBRATE, step1.CONSOLIDATE], "tract": [step1.ASSOCIATE]},
     "global": {"campaign": [step2.FIT_CYCLE, step2.OUTPUT_PRODUCTS]},
-    "stage2": {"visit": [step2.UPDATE_VISIT_SUMMARY], "tract": [step3.ASSEMBLE_COADD]},
+    "stage2": {"visit": [step2.UPDATE_VISIT_SUMMARY],
+               "tract": [step3.ASSEMBLE_COADD, step3.PROPERTY_MAPS]},
 }
 
 

@@ -43,15 +43,34 @@ class FitsFormatter(FormatterV2):
         in_memory_dataset.writeto(uri.ospath, overwrite=True)
 
 
+class HealSparseFormatter(FormatterV2):
+    """Read and write `healsparse.HealSparseMap` (property maps) as HealSparse FITS files."""
+
+    supported_extensions = frozenset({".hsp"})
+    default_extension = ".hsp"
+    can_read_from_local_file = True
+
+    def read_from_local_file(self, path: str, component: str | None = None,
+                             expected_size: int = -1) -> Any:
+        import healsparse
+
+        return healsparse.HealSparseMap.read(path)
+
+    def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
+        in_memory_dataset.write(uri.ospath, clobber=True, format="fits")
+
+
 FORMATTERS = {
     "FitsHDUList": f"{FitsFormatter.__module__}.{FitsFormatter.__qualname__}",
+    "HealSparseMap": f"{HealSparseFormatter.__module__}.{HealSparseFormatter.__qualname__}",
     "ArrowAstropy": "lsst.daf.butler.formatters.parquet.ParquetFormatter",
     "StructuredDataDict": "lsst.daf.butler.formatters.yaml.YamlFormatter",
 }
 
 REPO_CONFIG = {
     "storageClasses": {"FitsHDUList": {"pytype": "astropy.io.fits.HDUList"}},
-    "datastore": {"formatters": {"FitsHDUList": FORMATTERS["FitsHDUList"]}},
+    "datastore": {"formatters": {"FitsHDUList": FORMATTERS["FitsHDUList"],
+                                 "HealSparseMap": FORMATTERS["HealSparseMap"]}},
 }
 
 

@@ -34,4 +34,5 @@ LABELS = {
     step2.UPDATE_VISIT_SUMMARY: Label("step2", step2.run_update_visit_summary,
                                       step2.plan_update_visit_summary),
     step3.ASSEMBLE_COADD: Label("step3", step3.assemble_coadd, step3.plan_assemble_coadd, long=True),
+    step3.PROPERTY_MAPS: Label("step3", step3.healsparse_property_maps, step3.plan_property_maps),
 }

@@ -332,6 +332,73 @@ def step2_qa(butler: Butler, collection: str, survey: Path) -> Step2QA:
     return qa
 
 
+@dataclass
+class Step3QA:
+    """Property maps against the truth footprint: the same HEALPix pixelisation of every
+    processed CCD's true WCS must give the same number of exposures and exposure time."""
+
+    name = "step 3: coadds and property maps"
+    n_maps: int = 0
+    n_pixels: int = 0
+    nexp_exact: float = float("nan")      # fraction of pixels
+    exptime_exact: float = float("nan")
+
+    def checks(self) -> list[dict]:
+        return [check(f"n_exposure maps = truth footprint ({self.n_maps} tract-band maps, "
+                      f"{self.n_pixels} pixels)", 100 * self.nexp_exact, "% of pixels",
+                      ">= 99.5 (the rest: centres within the WCS error of a CCD edge)",
+                      self.nexp_exact >= 0.995),
+                check("exposure-time maps = truth footprint", 100 * self.exptime_exact,
+                      "% of pixels", ">= 99.5", self.exptime_exact >= 0.995)]
+
+    def summary(self) -> dict:
+        return {"n_maps": self.n_maps, "n_pixels": self.n_pixels}
+
+    def plot(self, plt, out: Path) -> str | None:
+        return None
+
+
+def step3_qa(butler: Butler, collection: str, survey: Path) -> Step3QA:
+    """QA of the per-tract property maps gathered at the campaign site: every pixel that the
+    maps or the truth footprint (processed CCDs through their true WCS) put in the tract."""
+    import hpgeom
+
+    from drp_flows.tasks.property_maps import NSIDE, CcdInput, ccd_pixels
+    from drp_flows.tasks.simulate import load_survey
+
+    cfg, _ = load_survey(survey)
+    sky, n = cfg.skymap, cfg.ccd_size
+    truth_ccd, _, _ = _truth(survey)
+    summaries = [butler.get(r) for r in butler.registry.queryDatasets(
+        "visit_summary", collections=collection, findFirst=True)]
+    qa = Step3QA()
+    exact_n = exact_t = 0
+    for ref in butler.registry.queryDatasets("deep_coadd_n_exposure_map_sum", collections=collection,
+                                             findFirst=True):
+        tract, band = int(ref.dataId["tract"]), ref.dataId["band"]
+        nexp = butler.get(ref)
+        exptime = butler.get("deep_coadd_exposure_time_map_sum", dataId=ref.dataId,
+                             collections=collection)
+        footprints = [ccd_pixels(CcdInput(header_wcs(fits.Header.fromstring(
+            truth_ccd[(int(r["visit"]), int(r["detector"]))]["wcs"])), (n, n), 0, 0, 0, 0))
+            for summary in summaries for r in summary if r["band"] == band]
+        truth_pix, truth_count = np.unique(np.concatenate(footprints), return_counts=True)
+        ra, dec = hpgeom.pixel_to_angle(NSIDE, truth_pix, nest=True)
+        inside = sky.tract_of(ra, dec) == tract
+        truth = dict(zip(truth_pix[inside], truth_count[inside], strict=True))
+        pixels = np.union1d(nexp.valid_pixels, truth_pix[inside])
+        expected = np.array([truth.get(p, 0) for p in pixels], float)
+        got_n = np.where(nexp.get_values_pix(pixels) > hpgeom.UNSEEN, nexp.get_values_pix(pixels), 0)
+        got_t = np.where(exptime.get_values_pix(pixels) > hpgeom.UNSEEN, exptime.get_values_pix(pixels), 0)
+        exact_n += int((got_n == expected).sum())
+        exact_t += int(np.isclose(got_t, 30.0 * expected).sum())
+        qa.n_pixels += len(pixels)
+        qa.n_maps += 1
+    if qa.n_pixels:
+        qa.nexp_exact, qa.exptime_exact = exact_n / qa.n_pixels, exact_t / qa.n_pixels
+    return qa
+
+
 def write_report(sections: list, out: Path, title: str) -> Path:
     """Markdown + JSON + PNG plots of QA sections (each with name, checks, summary, plot);
     returns the markdown path."""

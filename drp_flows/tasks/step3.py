@@ -1,5 +1,6 @@
 """Step 3 as quanta: a deep coadd per (tract, patch, band) from the calibrated visit images
-of the site's visits, scaled by their final (global) zeropoints."""
+of the site's visits, scaled by their final (global) zeropoints, and the survey property maps
+per (tract, band)."""
 
 from __future__ import annotations
 
@@ -13,22 +14,49 @@ from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import read_table
 from drp_flows.tasks.coadd import CoaddAccumulator, njy_scale, warp
 from drp_flows.tasks.images import Exposure, read_fits
+from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
 from drp_flows.tasks.quanta import OutputWriter, Quantum
-from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, tangent_wcs
+from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, tangent_wcs
 from drp_flows.tasks.step1 import data_key, dataset_uri, done_quanta, existing_collections, output_uri
 
 ASSEMBLE_COADD = "assembleCoadd"
+PROPERTY_MAPS = "healSparsePropertyMaps"
+MAP_TYPES = tuple(f"deep_coadd_{name}" for name in MAPS)
 
 
-def plan_assemble_coadd(butler: Butler, storage: Storage, run: str, tracts: list[int],
-                        collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """One coadd per (tract, patch, band) that the site's calibrated images overlap (the
-    registry's spatial join of visit-detector regions and patches); blocked while an
-    overlapping visit has no final visit summary."""
-    done = done_quanta(butler, collections, ("deep_coadd",))
-    existing = existing_collections(butler, collections)
-    if not existing or not tracts:
-        return [], 0, []
+def _plan_per_cell(label: str, outputs: tuple[str, ...], with_patch: bool):
+    """A planner of quanta per (tract, patch, band) or (tract, band) cell that the site's
+    calibrated images overlap (the registry's spatial join of visit-detector regions and
+    patches); a cell is blocked while an overlapping visit has no final visit summary."""
+    def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
+             collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+        done = done_quanta(butler, collections, outputs)
+        existing = existing_collections(butler, collections)
+        if not existing or not tracts:
+            return [], 0, []
+        images, summaries, cells = _overlaps(butler, storage, tracts, existing, with_patch)
+        quanta, skipped, blocked = [], 0, []
+        for cell, ccds in sorted(cells.items()):
+            data_id = dict(zip(("skymap", "tract", "patch", "band") if with_patch
+                               else ("skymap", "tract", "band"), (SKYMAP_NAME, *cell), strict=True))
+            if data_key(data_id) in done:
+                skipped += 1
+                continue
+            visits = sorted({v for v, _ in ccds})
+            if any(v not in summaries for v in visits):
+                blocked.append(data_id)
+                continue
+            inputs = {"preliminary_visit_image": [images[c] for c in sorted(ccds) if c in images],
+                      "visit_summary": [summaries[v] for v in visits]}
+            quanta.append(Quantum(label, data_id, inputs,
+                                  {o: output_uri(storage, run, o, data_id) for o in outputs}))
+        return quanta, skipped, blocked
+    return plan
+
+
+def _overlaps(butler: Butler, storage: Storage, tracts: list[int], existing: list[str],
+              with_patch: bool) -> tuple[dict, dict, dict]:
+    """Image URIs by (visit, detector), summary URIs by visit, and the CCDs of each cell."""
     images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): dataset_uri(butler, storage, r)
               for r in butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
                                                      findFirst=True)}
@@ -40,31 +68,21 @@ def plan_assemble_coadd(butler: Butler, storage: Storage, run: str, tracts: list
         for d in butler.registry.queryDataIds(
                 ["tract", "patch", "visit", "detector", "band"], skymap=SKYMAP_NAME, tract=tract,
                 datasets="preliminary_visit_image", collections=existing):
-            key = (int(d["tract"]), int(d["patch"]), d["band"])
-            cells.setdefault(key, set()).add((int(d["visit"]), int(d["detector"])))
-    quanta, skipped, blocked = [], 0, []
-    for (tract, patch, band), ccds in sorted(cells.items()):
-        data_id = {"skymap": SKYMAP_NAME, "tract": tract, "patch": patch, "band": band}
-        if data_key(data_id) in done:
-            skipped += 1
-            continue
-        visits = sorted({v for v, _ in ccds})
-        if any(v not in summaries for v in visits):
-            blocked.append(data_id)
-            continue
-        inputs = {"preliminary_visit_image": [images[c] for c in sorted(ccds) if c in images],
-                  "visit_summary": [summaries[v] for v in visits]}
-        quanta.append(Quantum(ASSEMBLE_COADD, data_id, inputs,
-                              {"deep_coadd": output_uri(storage, run, "deep_coadd", data_id)}))
-    return quanta, skipped, blocked
+            key = (int(d["tract"]), int(d["patch"])) if with_patch else (int(d["tract"]),)
+            cells.setdefault((*key, d["band"]), set()).add((int(d["visit"]), int(d["detector"])))
+    return images, summaries, cells
+
+
+plan_assemble_coadd = _plan_per_cell(ASSEMBLE_COADD, ("deep_coadd",), with_patch=True)
+plan_property_maps = _plan_per_cell(PROPERTY_MAPS, MAP_TYPES, with_patch=False)
 
 
 @lru_cache(maxsize=64)
-def _zero_points(storage: Storage, uri: str) -> tuple[int, dict[int, float]]:
-    """(visit, {detector: final zero point}) of a visit summary."""
+def _summary_rows(storage: Storage, uri: str) -> tuple[int, dict[int, dict]]:
+    """(visit, {detector: its row of the final visit summary})."""
     summary = read_table(storage, uri)
-    return int(summary["visit"][0]), {int(d): float(z) for d, z in
-                                      zip(summary["detector"], summary["zero_point"], strict=True)}
+    return int(summary["visit"][0]), {int(r["detector"]): dict(zip(r.colnames, r, strict=True))
+                                      for r in summary}
 
 
 def patch_wcs(sky: MiniSkymap, tract: int, patch: int) -> tuple[WCS, tuple[int, int]]:
@@ -80,15 +98,35 @@ def assemble_coadd(quantum: Quantum, storage: Storage, out: OutputWriter, config
     d = quantum.data_id
     sky = MiniSkymap(**config["skymap"])
     wcs, shape = patch_wcs(sky, d["tract"], d["patch"])
-    zps = dict(_zero_points(storage, uri) for uri in quantum.inputs["visit_summary"])
+    rows = dict(_summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
     acc = CoaddAccumulator(shape)
     for uri in quantum.inputs["preliminary_visit_image"]:
         exp = Exposure.from_hdulist(read_fits(storage, uri))
         visit, detector = int(exp.metadata["VISIT"]), int(exp.metadata["DETECTOR"])
-        w = warp(exp, njy_scale(zps[visit][detector]), wcs, shape)
+        w = warp(exp, njy_scale(rows[visit][detector]["zero_point"]), wcs, shape)
         if w is not None:
             acc.add(w, {"visit": visit, "detector": detector})
     if not acc.inputs:
         raise ValueError(f"{quantum}: no input pixel lands on the patch")
     meta = fits.Header({"TRACT": d["tract"], "PATCH": d["patch"], "BAND": d["band"]})
     out.write("deep_coadd", acc.coadd(wcs, meta).to_bytes())
+
+
+def healsparse_property_maps(quantum: Quantum, storage: Storage, out: OutputWriter,
+                             config: dict) -> None:
+    """Property maps of one (tract, band) from its CCDs' footprints and summaries (a worker)."""
+    sky = MiniSkymap(**config["skymap"])
+    rows = dict(_summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
+    ccds = []
+    for uri in quantum.inputs["preliminary_visit_image"]:
+        with storage.open(uri, "rb") as f:
+            hdul = fits.open(f, lazy_load_hdus=True)
+            primary, header = hdul[0].header.copy(), hdul["IMAGE"].header.copy()
+        row = rows[int(primary["VISIT"])][int(primary["DETECTOR"])]
+        ccds.append(CcdInput(header_wcs(header), (header["NAXIS2"], header["NAXIS1"]),
+                             float(primary["EXPTIME"]), float(row["psf_fwhm"]),
+                             float(row["zero_point"]), float(row["sky_noise"])))
+    tract = quantum.data_id["tract"]
+    maps = property_maps(ccds, lambda ra, dec: sky.tract_of(ra, dec) == tract)
+    for name, m in maps.items():
+        out.write(f"deep_coadd_{name}", map_bytes(m))
