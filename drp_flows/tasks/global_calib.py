@@ -35,9 +35,7 @@ PA1_SNR = 200.0            # SRD: PA1 from bright stars
 @dataclass
 class BandSolution:
     zeropoints: Table      # visit, detector, band, zero_point, zero_point_err, n_obs, n_star
-    stars: Table           # tract, isolated_star_id, band, mag, mag_err, n_obs, reserved, ref_mag
-    n_clipped: int
-    n_variable: int
+    stars: Table           # tract, isolated_star_id, band, mag, mag_err, n_obs, reserved, variable, ref_mag
 
 
 def reserved(tract: np.ndarray, star_id: np.ndarray, fraction: float = RESERVED_FRACTION) -> np.ndarray:
@@ -180,7 +178,7 @@ def solve_band(obs: Table, ref: Table, band: str, prelim: dict[tuple, float],
                    "mag_err": 1 / np.sqrt(np.maximum(np.bincount(s, w, n_s), 1e-30)),
                    "n_obs": np.bincount(s, minlength=n_s), "reserved": is_reserved, "variable": variable,
                    "ref_mag": np.where(prior_w > 0, prior_mag, np.nan)})
-    return BandSolution(zeropoints, stars, int((fitted & ~use).sum()), int(variable.sum()))
+    return BandSolution(zeropoints, stars)
 
 
 def fit_cycle(sources: list[Table], ref: Table, summaries: list[Table]) -> tuple[Table, Table]:
