@@ -44,6 +44,7 @@ bench: env | $(PREFECT_HOME)
 	$(VENV)/bin/python bench/overhead.py
 	$(VENV)/bin/python bench/isr.py
 	$(VENV)/bin/python bench/global_calib.py
+	$(VENV)/bin/python bench/steps.py
 
 lint: env
 	$(VENV)/bin/ruff check drp_flows tests bench
