@@ -48,6 +48,7 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("visit_summary", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("recalibrated_star", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("deep_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
+    DatasetTypeSpec("template_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
     *[DatasetTypeSpec(f"deep_coadd_{name}", ("skymap", "tract", "band"), "HealSparseMap")
       for name in PROPERTY_MAPS],
 ]}

@@ -208,7 +208,10 @@ def test_coadds_against_truth(result, local_sites, survey):
         assert {r.dataId["tract"] for r in refs} == set(site.sky.tracts)
         assert {r.dataId["patch"] for r in refs} == {0, 1, 2, 3}
         for ref in refs:
+            template = butler.get("template_coadd", dataId=ref.dataId)[0].header
+            assert 1 <= len(template["VISITS"].split()) and template["NINPUTS"] >= 1
             hdul = butler.get(ref)
+            assert hdul[0].header["NINPUTS"] >= template["NINPUTS"]
             image = np.ascontiguousarray(hdul["IMAGE"].data, dtype=float)
             wcs = header_wcs(hdul["IMAGE"].header)
             mags = star_mags(truth, ref.dataId["band"], 0.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 from lsst.daf.butler import Butler
@@ -73,7 +74,7 @@ def _overlaps(butler: Butler, storage: Storage, tracts: list[int], existing: lis
     return images, summaries, cells
 
 
-plan_assemble_coadd = _plan_per_cell(ASSEMBLE_COADD, ("deep_coadd",), with_patch=True)
+plan_assemble_coadd = _plan_per_cell(ASSEMBLE_COADD, ("deep_coadd", "template_coadd"), with_patch=True)
 plan_property_maps = _plan_per_cell(PROPERTY_MAPS, MAP_TYPES, with_patch=False)
 
 
@@ -93,23 +94,37 @@ def patch_wcs(sky: MiniSkymap, tract: int, patch: int) -> tuple[WCS, tuple[int, 
             (y1 - y0, x1 - x0))
 
 
+def template_visits(rows: dict[int, dict[int, dict]]) -> set[int]:
+    """The best-seeing third of the visits (at least one), by median PSF FWHM over detectors:
+    the template coadd, as DP1 built its templates."""
+    seeing = sorted((float(np.median([r["psf_fwhm"] for r in dets.values()])), visit)
+                    for visit, dets in rows.items())
+    return {visit for _, visit in seeing[:max(1, int(np.ceil(len(seeing) / 3)))]}
+
+
 def assemble_coadd(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
-    """Warp and coadd every input CCD of one (tract, patch, band) (runs on a worker)."""
+    """Warp every input CCD of one (tract, patch, band) once and coadd all of them (the deep
+    coadd) and those of the best-seeing visits (the template) (runs on a worker)."""
     d = quantum.data_id
     sky = MiniSkymap(**config["skymap"])
     wcs, shape = patch_wcs(sky, d["tract"], d["patch"])
     rows = dict(_summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
-    acc = CoaddAccumulator(shape)
+    best = template_visits(rows)
+    deep, template = CoaddAccumulator(shape), CoaddAccumulator(shape)
     for uri in quantum.inputs["preliminary_visit_image"]:
         exp = Exposure.from_hdulist(read_fits(storage, uri))
         visit, detector = int(exp.metadata["VISIT"]), int(exp.metadata["DETECTOR"])
         w = warp(exp, njy_scale(rows[visit][detector]["zero_point"]), wcs, shape)
         if w is not None:
-            acc.add(w, {"visit": visit, "detector": detector})
-    if not acc.inputs:
+            deep.add(w, {"visit": visit, "detector": detector})
+            if visit in best:
+                template.add(w, {"visit": visit, "detector": detector})
+    if not deep.inputs:
         raise ValueError(f"{quantum}: no input pixel lands on the patch")
     meta = fits.Header({"TRACT": d["tract"], "PATCH": d["patch"], "BAND": d["band"]})
-    out.write("deep_coadd", acc.coadd(wcs, meta).to_bytes())
+    out.write("deep_coadd", deep.coadd(wcs, meta).to_bytes())
+    meta["VISITS"] = (" ".join(map(str, sorted(best))), "best-seeing third of the visits")
+    out.write("template_coadd", template.coadd(wcs, meta).to_bytes())
 
 
 def healsparse_property_maps(quantum: Quantum, storage: Storage, out: OutputWriter,
