@@ -73,6 +73,16 @@ def done_quanta(butler: Butler, collections: list[str], outputs: tuple[str, ...]
     return done or set()
 
 
+def visit_uris(butler: Butler, storage: Storage, dataset_type: str,
+               collections: list[str]) -> dict[int, str]:
+    """URIs of a per-visit dataset type, by visit (find-first in the collections)."""
+    existing = existing_collections(butler, collections)
+    if not existing:
+        return {}
+    refs = butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True)
+    return {int(r.dataId["visit"]): dataset_uri(butler, storage, r) for r in refs}
+
+
 def data_key(data_id: dict) -> tuple:
     return tuple(sorted(data_id.items()))
 

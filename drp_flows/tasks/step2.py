@@ -16,21 +16,18 @@ from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.global_calib import fit_cycle
 from drp_flows.tasks.quanta import OutputWriter, Quantum
-from drp_flows.tasks.step1 import data_key, dataset_uri, done_quanta, existing_collections, output_uri
+from drp_flows.tasks.step1 import (
+    data_key,
+    dataset_uri,
+    done_quanta,
+    existing_collections,
+    output_uri,
+    visit_uris,
+)
 
 FIT_CYCLE = "fgcmFitCycle"
 OUTPUT_PRODUCTS = "fgcmOutputProducts"
 UPDATE_VISIT_SUMMARY = "updateVisitSummary"
-
-
-def _find(butler: Butler, storage: Storage, dataset_type: str, collections: list[str],
-          **where) -> dict[int, str]:
-    """URIs of a per-visit dataset type, by visit (find-first in the collections)."""
-    existing = existing_collections(butler, collections)
-    if not existing:
-        return {}
-    refs = butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True, **where)
-    return {int(r.dataId["visit"]): dataset_uri(butler, storage, r) for r in refs}
 
 
 def plan_fit_cycle(butler: Butler, storage: Storage, run: str, ids: list[int],
@@ -44,7 +41,7 @@ def plan_fit_cycle(butler: Butler, storage: Storage, run: str, ids: list[int],
     sources = [] if not existing else butler.registry.queryDatasets(
         "isolated_star_source", collections=existing, findFirst=True)
     source_uris = sorted(dataset_uri(butler, storage, r) for r in sources)
-    summaries = sorted(_find(butler, storage, "preliminary_visit_summary", collections).values())
+    summaries = sorted(visit_uris(butler, storage, "preliminary_visit_summary", collections).values())
     if not source_uris or not summaries:
         return [], 0, [{}]
     refcat = sorted(dataset_uri(butler, storage, r) for r in butler.registry.queryDatasets(
@@ -58,7 +55,7 @@ def plan_output_products(butler: Butler, storage: Storage, run: str, ids: list[i
                          collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """One fgcm_photo_calib per visit that has a preliminary summary; blocked without a fit."""
     done = done_quanta(butler, collections, ("fgcm_photo_calib",))
-    visits = sorted(_find(butler, storage, "preliminary_visit_summary", collections))
+    visits = sorted(visit_uris(butler, storage, "preliminary_visit_summary", collections))
     existing = existing_collections(butler, collections)
     fits_ = [] if not existing else list(butler.registry.queryDatasets(
         "fgcm_zeropoints", collections=existing, findFirst=True))
@@ -81,7 +78,7 @@ def plan_update_visit_summary(butler: Butler, storage: Storage, run: str, visits
     """Final summary and recalibrated stars per visit; blocked until its calibration arrived."""
     outputs = ("visit_summary", "recalibrated_star")
     done = done_quanta(butler, collections, outputs)
-    inputs = {name: _find(butler, storage, name, collections)
+    inputs = {name: visit_uris(butler, storage, name, collections)
               for name in ("preliminary_visit_summary", "single_visit_star", "fgcm_photo_calib")}
     quanta, skipped, blocked = [], 0, []
     for visit in visits:

@@ -18,7 +18,14 @@ from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
 from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, tangent_wcs
-from drp_flows.tasks.step1 import data_key, dataset_uri, done_quanta, existing_collections, output_uri
+from drp_flows.tasks.step1 import (
+    data_key,
+    dataset_uri,
+    done_quanta,
+    existing_collections,
+    output_uri,
+    visit_uris,
+)
 
 ASSEMBLE_COADD = "assembleCoadd"
 PROPERTY_MAPS = "healSparsePropertyMaps"
@@ -61,9 +68,7 @@ def _overlaps(butler: Butler, storage: Storage, tracts: list[int], existing: lis
     images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): dataset_uri(butler, storage, r)
               for r in butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
                                                      findFirst=True)}
-    summaries = {int(r.dataId["visit"]): dataset_uri(butler, storage, r)
-                 for r in butler.registry.queryDatasets("visit_summary", collections=existing,
-                                                        findFirst=True)}
+    summaries = visit_uris(butler, storage, "visit_summary", existing)
     cells: dict[tuple, set] = {}
     for tract in tracts:
         for d in butler.registry.queryDataIds(
