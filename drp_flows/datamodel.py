@@ -49,6 +49,8 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("recalibrated_star", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("deep_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
     DatasetTypeSpec("template_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
+    DatasetTypeSpec("difference_image", ("instrument", "visit", "detector"), "FitsHDUList"),
+    DatasetTypeSpec("dia_source_detector", ("instrument", "visit", "detector"), "ArrowAstropy"),
     *[DatasetTypeSpec(f"deep_coadd_{name}", ("skymap", "tract", "band"), "HealSparseMap")
       for name in PROPERTY_MAPS],
 ]}

@@ -1,5 +1,6 @@
 """The campaign on the three local sites, through Prefect, against the real Butler: stage 1
-everywhere, fan-in, global calibration at usdf, fan-out, stage 2 everywhere, fan-in, QA."""
+everywhere, fan-in, global calibration at usdf, fan-out, stages 2-4 everywhere with their
+fan-ins, QA."""
 
 import json
 
@@ -41,7 +42,7 @@ def test_every_site_ran_its_share(result, local_sites):
     steps = {(r["site"], r["step"]) for r in result["progress"]}
     assert steps == {(s, st) for s in sites.sites for st in (
         "calibrateImage", "consolidateVisitSummary", "isolatedStarAssociation",
-        "updateVisitSummary", "assembleCoadd", "healSparsePropertyMaps")} | {
+        "updateVisitSummary", "assembleCoadd", "healSparsePropertyMaps", "subtractImages")} | {
             ("usdf", "fgcmFitCycle"), ("usdf", "fgcmOutputProducts")}
     for name, site in sites.sites.items():
         butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
@@ -105,6 +106,8 @@ def test_qa_against_truth(result):
     assert checks["final visit summaries at the campaign site"]["pass"], checks
     maps = [c for c in result["qa"] if c["metric"].startswith(("n_exposure", "exposure-time"))]
     assert len(maps) == 2 and all(c["pass"] for c in maps), maps
+    dia = [c for c in result["qa"] if c["metric"].startswith(("DIA", "difference flux"))]
+    assert len(dia) == 3 and all(c["pass"] for c in dia), dia
     assert result["qa_report"].endswith("qa.md")
 
 
@@ -117,7 +120,7 @@ def test_global_calibration_moved_and_applied(result, local_sites):
     assert {r["pool"] for r in result["progress"]
             if r["step"] not in ("fgcmFitCycle", "assembleCoadd")} == {"short"}
     moved = {(t["label"], t["source"], t["destination"]): t for t in result["transfers"]}
-    assert len(moved) == 6
+    assert len(moved) == 8
     for t in moved.values():
         assert t["datasets"] == t["files"] > 0 and t["bytes"] > 0
     home = Butler.from_config(sites["usdf"].repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
@@ -225,3 +228,22 @@ def test_coadds_against_truth(result, local_sites, survey):
             ratios += list(flux / 10 ** (0.4 * (31.4 - mags[alone])))
     assert len(ratios) > 20
     assert abs(np.median(ratios) - 1) < 0.02, np.median(ratios)
+
+
+def test_difference_images_never_use_their_own_visit(result, local_sites):
+    """Step 4 ran at every site on its own visits; each difference image names its template's
+    visits, which never include its own, and its DIA sources are in the Butler beside it."""
+    rows = [r for r in result["progress"] if r["step"] == "subtractImages"]
+    assert rows and all(r["failed"] == 0 and r["done"] > 0 for r in rows), rows
+    for site in load_sites(local_sites).sites.values():
+        butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+        refs = list(butler.registry.queryDatasets("difference_image"))
+        assert len(refs) >= 9
+        for ref in refs[:4]:
+            header = butler.get(ref)[0].header
+            assert str(ref.dataId["visit"]) not in header["TMPLVIS"].split()
+            assert "NOTEMPL" in header or header["KSTARS"] >= 3 and header["BUNIT"] == "nJy"
+            sources = butler.get("dia_source_detector", dataId=ref.dataId)
+            assert set(sources["visit"]) <= {ref.dataId["visit"]}
+            assert set(sources.colnames) >= {"ra", "dec", "psf_flux", "psf_flux_err", "is_negative",
+                                             "is_dipole"}

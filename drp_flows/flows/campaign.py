@@ -1,10 +1,10 @@
 """The campaign across the sites of a site file, read like its stage table.
 
-Start each site's Dask cluster(s); stage 1 at every site on its own sky share; fan-in of the
-isolated stars and preliminary visit summaries to the campaign site; the global photometric
-calibration there; fan-out of the solution, split by visit, to the sites holding the visits;
-stage 2 at every site; fan-in of the final visit summaries; QA. Stages 3-4 and the remaining
-movements of ARCHITECTURE.md slot in after stage 2.
+Start each site's Dask cluster(s); stage 1 (single frames) at every site on its own sky share;
+fan-in of the isolated stars and preliminary visit summaries to the campaign site; the global
+photometric calibration there; fan-out of the solution, split by visit, to the sites holding
+the visits; stage 2 (final visit summaries) at every site and their fan-in; stage 3 (coadds,
+property maps) and the maps' fan-in; stage 4 (difference imaging); QA.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from drp_flows.sites.config import LOCAL_SITES, load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
+from drp_flows.tasks.qa_diffim import step4_qa
 from drp_flows.tasks.skymap import MiniSkymap
 from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
@@ -141,14 +142,16 @@ def ledger_markdown(ledgers: list[dict]) -> str:
 
 @task(name="QA against truth", cache_policy=NO_CACHE)
 def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str]:
-    """Step-1 QA over every site's outputs, published at the campaign site."""
+    """QA of every step against truth (steps 1 and 4 over every site's outputs, steps 2 and 3
+    over what was gathered at the campaign site), published at the campaign site."""
     sites = load_sites(site_file)
     butlers = [open_butler(s) for s in sites.sites.values()]
     collection = campaign_collection(campaign)
     home = sites[sites.campaign_site]
     sections = [step1_qa(butlers, collection, Path(survey)),
                 step2_qa(open_butler(home), collection, Path(survey)),
-                step3_qa(open_butler(home), collection, Path(survey))]
+                step3_qa(open_butler(home), collection, Path(survey)),
+                step4_qa(butlers, collection, Path(survey))]
     checks = [c for section in sections for c in section.checks()]
     store = home.store
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,8 +169,8 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
                   group_size: int = 100, batch_size: int = 500,
                   survey: str | None = None) -> dict:
     """Run the campaign over the sites of the site file: stage 1 everywhere, fan-in, the global
-    calibration at the campaign site, fan-out, stage 2 everywhere, fan-in; then QA against the
-    truth of a simulated survey if one is given. Returns progress rows, transfer ledgers,
+    calibration at the campaign site, fan-out, stages 2-4 everywhere with their fan-ins; then QA
+    against the truth of a simulated survey if one is given. Returns progress rows, transfer ledgers,
     quarantined quanta and QA."""
     logger = get_run_logger()
     sites = load_sites(site_file)
@@ -186,8 +189,10 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
         rows += run("global", only=home)
         ledgers += fan_out(site_file, campaign, "global calibration out", ["fgcm_photo_calib"])
         rows += run("stage2")
-        ledgers += fan_in(site_file, campaign, "final visit summaries and property maps in",
-                          ["visit_summary", *MAP_TYPES])
+        ledgers += fan_in(site_file, campaign, "final visit summaries in", ["visit_summary"])
+        rows += run("stage3")
+        ledgers += fan_in(site_file, campaign, "property maps in", list(MAP_TYPES))
+        rows += run("stage4")
     table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
                                for r in rows])
     create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"

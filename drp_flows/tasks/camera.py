@@ -1,7 +1,10 @@
 """The mini-ComCam camera model shared by the simulator and ISR.
 
 One raft of 3x3 ITL-like CCDs, each read out through 16 amplifiers (2 rows x 8 columns), with
-ComCam's amplifier structure (prescan, serial and parallel overscan) scaled to the CCD size.
+ComCam's amplifier structure (prescan, serial and parallel overscan) scaled to the CCD size,
+except the serial overscan, which keeps its 64 columns: ISR takes a median per row, and fewer
+columns leave row-correlated noise that the variance plane cannot describe (with 6 columns
+it raised the PSF-scale noise of u-band difference images 2-4x).
 Per-amplifier gains and read noise are fixed by the camera seed, as a photon-transfer-curve
 calibration would provide them.
 """
@@ -19,6 +22,7 @@ PHYSICAL_FILTERS = {"u": "u_02", "g": "g_01", "r": "r_03", "i": "i_06", "z": "z_
 PIXEL_SCALE = 0.2  # arcsec / pixel
 N_AMP_X, N_AMP_Y = 8, 2
 PRESCAN = 3
+SERIAL_OVERSCAN = 64
 SATURATION_ADU = 2**18 - 1
 DETECTOR_NAMES = tuple(f"R22_S{i}{j}" for i in range(3) for j in range(3))
 
@@ -85,7 +89,7 @@ class Camera:
     @cached_property
     def amps(self) -> tuple[AmpGeometry, ...]:
         w, h = self.ccd_size // N_AMP_X, self.ccd_size // N_AMP_Y
-        serial = max(4, round(64 * w / 509))
+        serial = SERIAL_OVERSCAN
         parallel = max(4, round(48 * h / 2000))
         amps = []
         for iy in range(N_AMP_Y):

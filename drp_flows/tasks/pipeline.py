@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drp_flows.tasks import step1, step2, step3
+from drp_flows.tasks import step1, step2, step3, step4
 from drp_flows.tasks.quanta import StepFunction
 
 Planner = Callable[..., tuple[list, int, list[dict]]]
@@ -35,4 +35,5 @@ LABELS = {
                                       step2.plan_update_visit_summary),
     step3.ASSEMBLE_COADD: Label("step3", step3.assemble_coadd, step3.plan_assemble_coadd, long=True),
     step3.PROPERTY_MAPS: Label("step3", step3.healsparse_property_maps, step3.plan_property_maps),
+    step4.SUBTRACT: Label("step4", step4.subtract_and_detect, step4.plan_subtract, ("visit",)),
 }

@@ -84,19 +84,23 @@ plan_property_maps = _plan_per_cell(PROPERTY_MAPS, MAP_TYPES, with_patch=False)
 
 
 @lru_cache(maxsize=64)
-def _summary_rows(storage: Storage, uri: str) -> tuple[int, dict[int, dict]]:
+def summary_rows(storage: Storage, uri: str) -> tuple[int, dict[int, dict]]:
     """(visit, {detector: its row of the final visit summary})."""
     summary = read_table(storage, uri)
     return int(summary["visit"][0]), {int(r["detector"]): dict(zip(r.colnames, r, strict=True))
                                       for r in summary}
 
 
+def box_wcs(sky: MiniSkymap, tract: int, x0: int, y0: int) -> WCS:
+    """The tract's projection with its origin moved to tract pixel (x0, y0)."""
+    c = (sky.tract_pixels - 1) / 2
+    return tangent_wcs(*sky.tract_center(tract), (c - x0, c - y0), sky.pixel_scale)
+
+
 def patch_wcs(sky: MiniSkymap, tract: int, patch: int) -> tuple[WCS, tuple[int, int]]:
     """The WCS and shape of a patch: the tract's projection, origin at the patch corner."""
     x0, y0, x1, y1 = sky.patch_bbox(patch)
-    c = (sky.tract_pixels - 1) / 2
-    return (tangent_wcs(*sky.tract_center(tract), (c - x0, c - y0), sky.pixel_scale),
-            (y1 - y0, x1 - x0))
+    return box_wcs(sky, tract, x0, y0), (y1 - y0, x1 - x0)
 
 
 def template_visits(rows: dict[int, dict[int, dict]]) -> set[int]:
@@ -113,7 +117,7 @@ def assemble_coadd(quantum: Quantum, storage: Storage, out: OutputWriter, config
     d = quantum.data_id
     sky = MiniSkymap(**config["skymap"])
     wcs, shape = patch_wcs(sky, d["tract"], d["patch"])
-    rows = dict(_summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
+    rows = dict(summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
     best = template_visits(rows)
     deep, template = CoaddAccumulator(shape), CoaddAccumulator(shape)
     for uri in quantum.inputs["preliminary_visit_image"]:
@@ -136,7 +140,7 @@ def healsparse_property_maps(quantum: Quantum, storage: Storage, out: OutputWrit
                              config: dict) -> None:
     """Property maps of one (tract, band) from its CCDs' footprints and summaries (a worker)."""
     sky = MiniSkymap(**config["skymap"])
-    rows = dict(_summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
+    rows = dict(summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
     ccds = []
     for uri in quantum.inputs["preliminary_visit_image"]:
         with storage.open(uri, "rb") as f:

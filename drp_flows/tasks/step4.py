@@ -1,0 +1,174 @@
+"""Step 4 as quanta: per (visit, detector), the template from the overlapping template coadds,
+the difference image and its DIA sources (Rubin's buildTemplate, subtractImages and
+detectAndMeasureDiaSource, which BPS clusters into one job per detector).
+
+A visit is never differenced against a template it is part of: with templates of a few visits
+its own noise and transients would cancel. Patches whose template holds the visit are left
+out of its template (their pixels are NO_DATA in the difference); a CCD whose every template
+holds its visit gets no quantum.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from lsst.daf.butler import Butler
+from scipy.ndimage import binary_erosion
+
+from drp_flows.sites.storage import Storage
+from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
+from drp_flows.tasks.catalogs import table_bytes
+from drp_flows.tasks.coadd import njy_scale, warp
+from drp_flows.tasks.diffim import (
+    KERNEL_SIZE,
+    MIN_TEMPLATE_COVERAGE,
+    Template,
+    detect_dia_sources,
+    no_dia_sources,
+    subtract_images,
+)
+from drp_flows.tasks.images import Exposure, bit, read_fits
+from drp_flows.tasks.quanta import OutputWriter, Quantum
+from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs
+from drp_flows.tasks.step1 import (
+    data_key,
+    dataset_uri,
+    done_quanta,
+    existing_collections,
+    output_uri,
+    visit_uris,
+)
+from drp_flows.tasks.step3 import box_wcs, summary_rows
+
+SUBTRACT = "subtractImages"
+OUTPUTS = ("difference_image", "dia_source_detector")
+
+
+@lru_cache(maxsize=1024)
+def template_visits(storage: Storage, uri: str) -> frozenset[int]:
+    """The visits a template coadd was made of (its primary header)."""
+    with storage.open(uri, "rb") as f:
+        return frozenset(int(v) for v in fits.getheader(f, 0)["VISITS"].split())
+
+
+def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
+                  collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+    """A quantum per calibrated CCD of the group's visits with a template not holding its
+    visit; blocked while its final visit summary or every overlapping template is missing."""
+    done = done_quanta(butler, collections, OUTPUTS)
+    existing = existing_collections(butler, collections)
+    if not existing or not visits:
+        return [], 0, []
+    where = f"visit IN ({', '.join(map(str, visits))})"
+    images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): dataset_uri(butler, storage, r)
+              for r in butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
+                                                     where=where, instrument=INSTRUMENT,
+                                                     findFirst=True)}
+    summaries = visit_uris(butler, storage, "visit_summary", existing)
+    templates = {(int(r.dataId["tract"]), int(r.dataId["patch"]), r.dataId["band"]):
+                 dataset_uri(butler, storage, r)
+                 for r in butler.registry.queryDatasets("template_coadd", collections=existing,
+                                                        findFirst=True)}
+    cells: dict[tuple[int, int], set] = {}
+    for d in butler.registry.queryDataIds(["tract", "patch", "visit", "detector", "band"],
+                                          skymap=SKYMAP_NAME, datasets="preliminary_visit_image",
+                                          collections=existing, where=where,
+                                          instrument=INSTRUMENT):
+        cells.setdefault((int(d["visit"]), int(d["detector"])), set()).add(
+            (int(d["tract"]), int(d["patch"]), d["band"]))
+    quanta, skipped, blocked = [], 0, []
+    for (visit, detector), uri in sorted(images.items()):
+        data_id = {"visit": visit, "detector": detector}
+        found = [templates[c] for c in sorted(cells.get((visit, detector), ())) if c in templates]
+        if data_key(data_id) in done:
+            skipped += 1
+        elif visit not in summaries or not found:
+            blocked.append(data_id)
+        else:
+            usable = [t for t in found if visit not in template_visits(storage, t)]
+            if usable:
+                quanta.append(Quantum(SUBTRACT, data_id, {
+                    "preliminary_visit_image": uri, "visit_summary": summaries[visit],
+                    "template_coadd": usable},
+                    {o: output_uri(storage, run, o, data_id) for o in OUTPUTS}))
+    return quanta, skipped, blocked
+
+
+def build_template(templates: list[Exposure], sky: MiniSkymap, wcs: WCS,
+                   shape: tuple[int, int], pad: int = KERNEL_SIZE // 2) -> Template:
+    """The template on a CCD's pixel grid grown by `pad` on every side (the matching kernel's
+    reach): per tract, its patches pasted into one image on the tract projection and warped
+    once (no seams between patches); the first tract to cover a pixel wins. Two pixels at
+    every template edge are dropped: cubic resampling blends them with the empty side."""
+    header = wcs.to_header(relax=True)          # through the header: SIP keeps its own CRPIX
+    header["CRPIX1"] += pad
+    header["CRPIX2"] += pad
+    wcs = header_wcs(header)
+    shape = (shape[0] + 2 * pad, shape[1] + 2 * pad)
+    image, variance, valid = np.zeros(shape), np.zeros(shape), np.zeros(shape, bool)
+    for tract in sorted({int(t.metadata["TRACT"]) for t in templates}):
+        patches = [t for t in templates if int(t.metadata["TRACT"]) == tract]
+        boxes = [sky.patch_bbox(int(t.metadata["PATCH"])) for t in patches]
+        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        m_image, m_var = np.zeros((y1 - y0, x1 - x0)), np.zeros((y1 - y0, x1 - x0))
+        m_mask = np.full((y1 - y0, x1 - x0), bit("NO_DATA"), np.int32)
+        for t, (bx0, by0, bx1, by1) in zip(patches, boxes, strict=True):
+            box = (slice(by0 - y0, by1 - y0), slice(bx0 - x0, bx1 - x0))
+            covered = np.isfinite(t.variance)
+            m_image[box] = np.where(covered, t.image, 0.0)
+            m_var[box] = np.where(covered, t.variance, 0.0)
+            m_mask[box] = t.mask
+        w = warp(Exposure(m_image, m_var, m_mask, box_wcs(sky, tract, x0, y0)), 1.0, wcs, shape)
+        if w is None:
+            continue
+        good = binary_erosion(w.valid, iterations=2, border_value=1) & ~valid[w.y, w.x]
+        image[w.y, w.x][good] = w.image[good]
+        variance[w.y, w.x][good] = w.variance[good]
+        valid[w.y, w.x] |= good
+    return Template(image, variance, valid, pad)
+
+
+def subtract_and_detect(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
+    """Template, difference image and DIA sources of one CCD, in nJy (runs on a worker)."""
+    exp = Exposure.from_hdulist(read_fits(storage, quantum.inputs["preliminary_visit_image"]))
+    visit, detector = quantum.data_id["visit"], quantum.data_id["detector"]
+    row = summary_rows(storage, quantum.inputs["visit_summary"])[1][detector]
+    scale = njy_scale(row["zero_point"])
+    fwhm_px = float(row["psf_fwhm"]) / PIXEL_SCALE
+    templates = [Exposure.from_hdulist(read_fits(storage, u)) for u in quantum.inputs["template_coadd"]]
+    used = sorted({int(v) for t in templates for v in t.metadata["VISITS"].split()})
+    if visit in used:
+        raise ValueError(f"{quantum}: a template holds visit {visit} itself")
+    template = build_template(templates, MiniSkymap(**config["skymap"]), exp.wcs, exp.image.shape)
+    science = Exposure(exp.image * scale, exp.variance * scale ** 2, exp.mask, exp.wcs, exp.metadata)
+    covered = template.valid[template.inner].mean()
+    if covered < MIN_TEMPLATE_COVERAGE:
+        # the regions overlapped by a sliver: an all-NO_DATA difference and no sources, so
+        # the quantum counts as done (and a re-run skips it) and nothing is pretended
+        diff = Exposure(np.zeros_like(science.image), np.full(science.image.shape, np.inf),
+                        science.mask | bit("NO_DATA"), exp.wcs, exp.metadata.copy())
+        diff.metadata["NOTEMPL"] = (f"templates cover {100 * covered:.1f}% of the CCD", "")
+        sources = no_dia_sources()
+    else:
+        d = subtract_images(science, template, fwhm_px)
+        diff, sources = d.exposure, detect_dia_sources(d)
+        diff.metadata["ERRSCALE"] = (sources.meta["error_scale"],
+                                     "PSF-flux error / variance-plane error")
+        diff.metadata["NOISEXS"] = (sources.meta["noise_excess"],
+                                    "PSF-scale noise / propagated noise")
+    diff.metadata["TMPLVIS"] = (" ".join(map(str, used)), "visits of the template")
+    ra, dec = exp.wcs.all_pix2world(np.asarray(sources["x"]), np.asarray(sources["y"]), 0)
+    n = len(sources)
+    ids = (visit * 100 + detector) * 10000 + np.arange(n, dtype=np.int64)
+    sources = Table({"dia_source_id": ids, "visit": np.full(n, visit, np.int64),
+                     "detector": np.full(n, detector, np.int32),
+                     "band": np.full(n, exp.metadata["BAND"]),
+                     "mjd": np.full(n, float(exp.metadata["MJD-OBS"])), "ra": ra, "dec": dec}
+                    | {c: sources[c] for c in sources.colnames})
+    out.write("difference_image", diff.to_bytes())
+    out.write("dia_source_detector", table_bytes(sources))
