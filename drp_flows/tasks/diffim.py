@@ -227,16 +227,14 @@ def subtract_images(science: Exposure, template: Template, fwhm_px: float) -> Di
     no_template = binary_dilation(~template.valid, iterations=k0.shape[0] // 2)[inner]
     mask = science.mask | np.where(no_template, bit("NO_DATA"), 0).astype(np.int32)
     diff = np.where(no_template, 0.0, science.image - kernel.convolve(t_image, pad))
-    t_var = oaconvolve(t_var, k0 ** 2, mode="same")[inner]
-    variance = science.variance + t_var
+    variance = science.variance + oaconvolve(t_var, k0 ** 2, mode="same")[inner]
     meta = science.metadata.copy()
     meta["KSTARS"] = (kernel.n_stars, "stamps in the matching kernel fit")
     meta["KCHI2"] = (kernel.chi2_dof, "median chi2/dof of the kernel stamps")
     meta["KSUM"] = (float(k0.sum()), "matching kernel sum at the CCD centre")
     meta["BUNIT"] = "nJy"
     exposure = Exposure(diff, np.where(no_template, np.inf, variance), mask, science.wcs, meta)
-    return Difference(exposure, kernel, science.variance,
-                      np.where(no_template, 0.0, np.where(template.valid, template.variance, 0.0)[inner]),
+    return Difference(exposure, kernel, science.variance, np.where(no_template, 0.0, t_var[inner]),
                       fwhm_px)
 
 
