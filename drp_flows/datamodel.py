@@ -51,6 +51,12 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("template_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
     DatasetTypeSpec("difference_image", ("instrument", "visit", "detector"), "FitsHDUList"),
     DatasetTypeSpec("dia_source_detector", ("instrument", "visit", "detector"), "ArrowAstropy"),
+    DatasetTypeSpec("dia_source_visit", ("instrument", "visit"), "ArrowAstropy"),
+    DatasetTypeSpec("dia_source", ("skymap", "tract"), "ArrowAstropy"),
+    DatasetTypeSpec("dia_object", ("skymap", "tract"), "ArrowAstropy"),
+    DatasetTypeSpec("dia_object_forced_source", ("skymap", "tract"), "ArrowAstropy"),
+    DatasetTypeSpec("ss_object", ("instrument",), "ArrowAstropy"),
+    DatasetTypeSpec("ss_source", ("instrument",), "ArrowAstropy"),
     *[DatasetTypeSpec(f"deep_coadd_{name}", ("skymap", "tract", "band"), "HealSparseMap")
       for name in PROPERTY_MAPS],
 ]}

@@ -4,7 +4,8 @@ Start each site's Dask cluster(s); stage 1 (single frames) at every site on its 
 fan-in of the isolated stars and preliminary visit summaries to the campaign site; the global
 photometric calibration there; fan-out of the solution, split by visit, to the sites holding
 the visits; stage 2 (final visit summaries) at every site and their fan-in; stage 3 (coadds,
-property maps) and the maps' fan-in; stage 4 (difference imaging); QA.
+property maps) and the maps' fan-in; stage 4 (difference imaging, DIA association and light
+curves per tract); fan-in of the DIA catalogs and moving-object linking at the campaign site; QA.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from drp_flows.sites.config import LOCAL_SITES, load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
+from drp_flows.tasks.qa_association import step5_qa
 from drp_flows.tasks.qa_diffim import step4_qa
 from drp_flows.tasks.skymap import MiniSkymap
 from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
+from drp_flows.tasks.step5 import DIA_CATALOGS
 from drp_flows.tasks.transfer import Ledger, plan_transfer, transfer
 
 
@@ -142,16 +145,17 @@ def ledger_markdown(ledgers: list[dict]) -> str:
 
 @task(name="QA against truth", cache_policy=NO_CACHE)
 def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str]:
-    """QA of every step against truth (steps 1 and 4 over every site's outputs, steps 2 and 3
-    over what was gathered at the campaign site), published at the campaign site."""
+    """QA of every step against truth (steps 1 and 4 over every site's outputs, steps 2, 3 and
+    5 over what was gathered at the campaign site), published at the campaign site."""
     sites = load_sites(site_file)
     butlers = [open_butler(s) for s in sites.sites.values()]
     collection = campaign_collection(campaign)
     home = sites[sites.campaign_site]
+    step4 = step4_qa(butlers, collection, Path(survey))
     sections = [step1_qa(butlers, collection, Path(survey)),
                 step2_qa(open_butler(home), collection, Path(survey)),
                 step3_qa(open_butler(home), collection, Path(survey)),
-                step4_qa(butlers, collection, Path(survey))]
+                step4, step5_qa(open_butler(home), collection, Path(survey), step4.epochs)]
     checks = [c for section in sections for c in section.checks()]
     store = home.store
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,6 +197,8 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
         rows += run("stage3")
         ledgers += fan_in(site_file, campaign, "property maps in", list(MAP_TYPES))
         rows += run("stage4")
+        ledgers += fan_in(site_file, campaign, "final catalogs in", list(DIA_CATALOGS))
+        rows += run("final", only=home)
     table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
                                for r in rows])
     create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"

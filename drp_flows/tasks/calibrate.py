@@ -141,21 +141,23 @@ def fit_astrometry(x, y, ref: Table, wcs0: WCS, n: int, sip_degree: int):
     src = np.column_stack([x, y])
     shift = match_offset(src, np.column_stack([rx, ry]), search=30.0)
     si, ri = match_nearest(src, np.column_stack([rx, ry]) + shift, radius=2.0)
-    wcs = wcs0
+    wcs, resid = None, None
     for radius in (1.0, 0.5, 0.5):
         if len(si) < MIN_REF_MATCHES:
             raise CalibrationError(f"only {len(si)} reference matches (need {MIN_REF_MATCHES})")
         world = SkyCoord(ref["coord_ra"][ri], ref["coord_dec"][ri], unit="deg")
         # SIP terms only when the matches constrain them well (2 x 12 parameters at degree 2)
         degree = sip_degree if len(si) >= MIN_SIP_MATCHES else None
-        wcs = fit_wcs_from_points((x[si], y[si]), world, proj_point="center", sip_degree=degree)
-        px, py = wcs.all_world2pix(np.asarray(ref["coord_ra"]), np.asarray(ref["coord_dec"]), 0)
-        si, ri = match_nearest(src, np.column_stack([px, py]), radius=radius)
-        resid = np.hypot(x[si] - px[ri], y[si] - py[ri])
-        _, med, std = sigma_clipped_stats(resid, sigma=3)
-        keep = resid < med + 3 * std
-        si, ri = si[keep], ri[keep]
-    rms_mas = float(np.sqrt(np.mean(resid[keep] ** 2)) * PIXEL_SCALE * 1000)
+        fitted = fit_wcs_from_points((x[si], y[si]), world, proj_point="center", sip_degree=degree)
+        px, py = fitted.all_world2pix(np.asarray(ref["coord_ra"]), np.asarray(ref["coord_dec"]), 0)
+        s2, r2 = match_nearest(src, np.column_stack([px, py]), radius=radius)
+        r = np.hypot(x[s2] - px[r2], y[s2] - py[r2])
+        _, med, std = sigma_clipped_stats(r, sigma=3)
+        keep = r < med + 3 * std
+        if wcs is not None and keep.sum() < MIN_REF_MATCHES:
+            break        # a tighter match would leave too few stars: the last fit stands
+        wcs, si, ri, resid = fitted, s2[keep], r2[keep], r[keep]
+    rms_mas = float(np.sqrt(np.mean(resid ** 2)) * PIXEL_SCALE * 1000)
     return wcs, si, rms_mas
 
 

@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.coadd import NJY_MAG0
-from drp_flows.tasks.diffim import DETECTION_SIGMA, UNUSABLE, forced_photometry
+from drp_flows.tasks.diffim import DETECTION_SIGMA, UNUSABLE, forced_photometry, measurable
 from drp_flows.tasks.images import Exposure
 from drp_flows.tasks.qa import check
 from drp_flows.tasks.simulate import asteroid_mags, asteroid_positions, star_mags
@@ -49,29 +49,28 @@ def noise_peaks_per_pixel(fwhm_px: float, nu: float = DETECTION_SIGMA) -> float:
 
 def truth_transients(stars: Table, asteroids: Table, band: str, mjd: float,
                      template_mjds: list[float]) -> Table:
-    """What a difference image should show: (ra, dec, delta_flux nJy, kind)."""
+    """What a difference image should show: (id of the star or asteroid, ra, dec, its flux at
+    the visit and delta_flux from the template in nJy, kind)."""
     var = stars[stars["is_variable"]]
     template_flux = np.mean([njy(star_mags(var, band, t)) for t in template_mjds], axis=0)
     ra_s, dec_s = asteroid_positions(asteroids, mjd)
     a_flux = njy(asteroid_mags(asteroids, band))
-    parts = [Table({"ra": var["ra"], "dec": var["dec"],
-                    "delta_flux": njy(star_mags(var, band, mjd)) - template_flux,
-                    "kind": np.full(len(var), "variable")}),
-             Table({"ra": ra_s, "dec": dec_s, "delta_flux": a_flux,
-                    "kind": np.full(len(a_flux), "asteroid")})]
+    flux = njy(star_mags(var, band, mjd))
+    parts = [Table({"id": var["id"], "ra": var["ra"], "dec": var["dec"], "flux": flux,
+                    "delta_flux": flux - template_flux, "kind": np.full(len(var), "variable")}),
+             Table({"id": asteroids["id"], "ra": ra_s, "dec": dec_s, "flux": a_flux,
+                    "delta_flux": a_flux, "kind": np.full(len(a_flux), "asteroid")})]
     for t in template_mjds:
         ra_t, dec_t = asteroid_positions(asteroids, t)
-        parts.append(Table({"ra": ra_t, "dec": dec_t, "delta_flux": -a_flux / len(template_mjds),
+        parts.append(Table({"id": asteroids["id"], "ra": ra_t, "dec": dec_t,
+                            "flux": np.zeros(len(a_flux)), "delta_flux": -a_flux / len(template_mjds),
                             "kind": np.full(len(a_flux), "template asteroid")}))
     return vstack(parts)
 
 
 @dataclass
 class CcdTruthMatch:
-    snr: np.ndarray           # true |difference| / forced-flux error, per transient on the CCD
-    found: np.ndarray
-    pull: np.ndarray
-    kind: np.ndarray
+    epochs: Table             # per truth transient on the CCD: id, kind, delta, err, snr, found, pull
     n_fp: int
     fp_expected: float
     blank_pixels: int
@@ -85,12 +84,7 @@ def ccd_dia_qa(diff: Exposure, sources: Table, true_wcs, transients: Table, star
     ny, nx = diff.image.shape
     usable = ((diff.mask & UNUSABLE) == 0) & np.isfinite(diff.variance)
     tx, ty = true_wcs.all_world2pix(np.asarray(transients["ra"]), np.asarray(transients["dec"]), 0)
-    margin = 2 * fwhm
-    on = (tx > margin) & (tx < nx - 1 - margin) & (ty > margin) & (ty < ny - 1 - margin)
-    ix, iy = np.clip(np.round(tx).astype(int), 0, nx - 1), np.clip(np.round(ty).astype(int), 0, ny - 1)
-    half = int(np.ceil(fwhm))
-    for k in np.flatnonzero(on):
-        on[k] = usable[max(0, iy[k] - half):iy[k] + half + 1, max(0, ix[k] - half):ix[k] + half + 1].all()
+    on = measurable(diff, tx, ty, fwhm)
     tx, ty, t = tx[on], ty[on], transients[on]
     flux, err = forced_photometry(diff, tx, ty, fwhm, float(meta["ERRSCALE"]))
     delta = np.asarray(t["delta_flux"])
@@ -118,9 +112,11 @@ def ccd_dia_qa(diff: Exposure, sources: Table, true_wcs, transients: Table, star
     syi = np.clip(np.round(np.asarray(sources["y"])).astype(int), 0, ny - 1)
     n_fp = int(blank_map[syi, sxi].sum()) if len(sources) else 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        return CcdTruthMatch(np.abs(delta) / err, found, (flux - delta) / err,
-                             np.asarray(t["kind"]), n_fp,
-                             2 * noise_peaks_per_pixel(fwhm) * int(blank.sum()), int(blank.sum()))
+        epochs = Table({"id": t["id"], "kind": t["kind"], "band": np.full(len(t), band),
+                        "mjd": np.full(len(t), mjd), "flux": t["flux"], "delta": delta, "err": err,
+                        "snr": np.abs(delta) / err, "found": found, "pull": (flux - delta) / err})
+    return CcdTruthMatch(epochs, n_fp, 2 * noise_peaks_per_pixel(fwhm) * int(blank.sum()),
+                         int(blank.sum()))
 
 
 @dataclass
@@ -135,6 +131,7 @@ class Step4QA:
     fp_expected: float = float("nan")
     blank_pixels: int = 0
     per_kind: dict = field(default_factory=dict)
+    epochs: Table | None = None      # every truth transient on every difference image (step 5 QA)
 
     def checks(self) -> list[dict]:
         ratio = self.n_fp / self.fp_expected if self.fp_expected > 0 else float("nan")
@@ -199,10 +196,9 @@ def step4_qa(butlers: list[Butler], collection: str, survey: Path) -> Step4QA:
     qa = Step4QA(n_ccd=len(matches))
     if not matches:
         return qa
-    snr = np.concatenate([m.snr for m in matches])
-    found = np.concatenate([m.found for m in matches])
-    pull = np.concatenate([m.pull for m in matches])
-    kind = np.concatenate([m.kind for m in matches])
+    qa.epochs = vstack([m.epochs for m in matches])
+    snr, found, pull = (np.asarray(qa.epochs[c]) for c in ("snr", "found", "pull"))
+    kind = np.asarray(qa.epochs["kind"])
     qa.n_transients = len(snr)
     idx = np.digitize(snr, SNR_BINS) - 1
     qa.completeness = {f"{SNR_BINS[i]:g}": (int((idx == i).sum()), int(found[idx == i].sum()))

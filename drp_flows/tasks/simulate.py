@@ -42,7 +42,7 @@ EXPTIME = 30.0
 DARK_CURRENT = 0.02       # e-/s
 FIRST_NIGHT_MJD = 61000   # 2025-11-10
 VISIT_SPACING_S = 120.0   # one 30 s exposure plus slew
-ROUND_SPACING_S = 2700.0  # revisits of a tract within a night, so asteroids move >= 5"
+ROUND_SPACING_S = 3600.0  # revisits of a tract within a night: asteroids move >= 6" (tracklets)
 
 
 @dataclass(frozen=True)
@@ -182,14 +182,14 @@ def star_mags(stars: Table, band: str, mjd: float) -> np.ndarray:
 
 
 def make_asteroids(cfg: SurveyConfig) -> Table:
-    """Main-belt-like movers crossing the field mostly along RA at 0.03-0.08 deg/day."""
+    """Main-belt-like movers crossing the field mostly along RA at 0.04-0.08 deg/day."""
     rng = _rng(cfg.seed, 3)
     sky = cfg.skymap
     n = cfg.asteroids_per_tract * len(sky.tracts)
     mid_mjd = FIRST_NIGHT_MJD + (cfg.nights - 1) / 2 + 0.12
     centers = np.array([sky.tract_center(t) for t in rng.integers(0, len(sky.tracts), n)])
     half = sky.tract_pixels / 2 * PIXEL_SCALE / 3600
-    rate = rng.uniform(0.03, 0.08, n)
+    rate = rng.uniform(0.04, 0.08, n)
     angle = rng.uniform(-0.35, 0.35, n) + np.where(rng.uniform(0, 1, n) < 0.5, 0, np.pi)
     return Table({
         "id": np.arange(n, dtype=np.int64),

@@ -162,28 +162,40 @@ def skymap_config(butler: Butler) -> dict:
     return dict(butler.get("skyMap", skymap=SKYMAP_NAME, collections=SKYMAP_RUN))
 
 
-def plan_associate(butler: Butler, storage: Storage, run: str, tracts: list[int],
-                   collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """isolatedStarAssociation quanta per tract, over the visits of this site on the tract."""
-    outputs = ("isolated_star", "isolated_star_source")
-    done = done_quanta(butler, collections, outputs)
-    existing = existing_collections(butler, collections)
-    quanta, skipped, blocked = [], 0, []
-    for tract in tracts:
-        data_id = {"skymap": SKYMAP_NAME, "tract": tract}
-        if data_key(data_id) in done:
-            skipped += 1
-            continue
-        refs = [] if not existing else butler.registry.queryDatasets(
-            "single_visit_star", collections=existing, findFirst=True, instrument=INSTRUMENT,
-            where="skymap = sm AND tract = t", bind={"sm": SKYMAP_NAME, "t": tract})
-        uris = sorted({dataset_uri(butler, storage, r) for r in refs})
-        if not uris:
-            blocked.append(data_id)
-            continue
-        quanta.append(Quantum(ASSOCIATE, data_id, {"single_visit_star": uris},
-                              {o: output_uri(storage, run, o, data_id) for o in outputs}))
-    return quanta, skipped, blocked
+def tract_inputs(butler: Butler, storage: Storage, dataset_type: str, tract: int,
+                 existing: list[str]) -> list[str]:
+    """URIs of a per-visit or per-(visit, detector) dataset type overlapping a tract."""
+    refs = [] if not existing else butler.registry.queryDatasets(
+        dataset_type, collections=existing, findFirst=True, instrument=INSTRUMENT,
+        where="skymap = sm AND tract = t", bind={"sm": SKYMAP_NAME, "t": tract})
+    return sorted({dataset_uri(butler, storage, r) for r in refs})
+
+
+def plan_per_tract(label: str, outputs: tuple[str, ...], needs: tuple[str, ...]):
+    """A planner of one quantum per tract over the given inputs overlapping it, blocked while
+    the first of them has nothing on the tract."""
+    def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
+             collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+        done = done_quanta(butler, collections, outputs)
+        existing = existing_collections(butler, collections)
+        quanta, skipped, blocked = [], 0, []
+        for tract in tracts:
+            data_id = {"skymap": SKYMAP_NAME, "tract": tract}
+            if data_key(data_id) in done:
+                skipped += 1
+                continue
+            inputs = {n: tract_inputs(butler, storage, n, tract, existing) for n in needs}
+            if not inputs[needs[0]]:
+                blocked.append(data_id)
+                continue
+            quanta.append(Quantum(label, data_id, inputs,
+                                  {o: output_uri(storage, run, o, data_id) for o in outputs}))
+        return quanta, skipped, blocked
+    return plan
+
+
+plan_associate = plan_per_tract(ASSOCIATE, ("isolated_star", "isolated_star_source"),
+                                ("single_visit_star",))
 
 
 def associate_isolated_stars(quantum: Quantum, storage: Storage, out: OutputWriter,

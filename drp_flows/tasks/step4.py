@@ -28,6 +28,7 @@ from drp_flows.tasks.diffim import (
     MIN_TEMPLATE_COVERAGE,
     Template,
     detect_dia_sources,
+    flag_star_residuals,
     no_dia_sources,
     subtract_images,
 )
@@ -156,7 +157,8 @@ def subtract_and_detect(quantum: Quantum, storage: Storage, out: OutputWriter, c
         sources = no_dia_sources()
     else:
         d = subtract_images(science, template, fwhm_px)
-        diff, sources = d.exposure, detect_dia_sources(d)
+        diff = d.exposure
+        sources = flag_star_residuals(detect_dia_sources(d), science, fwhm_px)
         diff.metadata["ERRSCALE"] = (sources.meta["error_scale"],
                                      "PSF-flux error / variance-plane error")
         diff.metadata["NOISEXS"] = (sources.meta["noise_excess"],
