@@ -29,12 +29,15 @@ def moto_endpoint(monkeypatch_session):
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    deadline = time.monotonic() + 120          # a busy machine starts it slowly
+    while True:
         try:
-            requests.get(endpoint, timeout=1)
+            requests.get(endpoint, timeout=10)
             break
-        except requests.ConnectionError:
-            time.sleep(0.1)
+        except requests.RequestException:      # refused while starting, or slow to answer
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch_session.setenv(key, value)

@@ -115,7 +115,7 @@ class Step5QA:
             ax.plot(ra_t, dec_t, "-", lw=0.6, color="0.6")
             ax.plot(ra_f, dec_f, ".", ms=3)
         ax.invert_xaxis()
-        ax.set(title="asteroid tracks: truth (grey), linked (dots)", xlabel="RA", ylabel="Dec")
+        ax.set(title="asteroids: truth, linked", xlabel="RA", ylabel="Dec")
         fig.suptitle("o forced photometry, x truth", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "step5_qa.png", dpi=90)
