@@ -22,8 +22,8 @@ class DatasetTypeSpec:
 
     @property
     def extension(self) -> str:
-        return {"FitsHDUList": ".fits", "ArrowAstropy": ".parq",
-                "HealSparseMap": ".hsp"}.get(self.storage_class, ".yaml")
+        return {"FitsHDUList": ".fits", "ArrowAstropy": ".parq", "HealSparseMap": ".hsp",
+                "Plot": ".png"}.get(self.storage_class, ".yaml")
 
 
 DATASET_TYPES = {d.name: d for d in [
@@ -49,6 +49,8 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("recalibrated_star", ("instrument", "visit"), "ArrowAstropy"),
     DatasetTypeSpec("deep_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
     DatasetTypeSpec("template_coadd", ("skymap", "tract", "patch", "band"), "FitsHDUList"),
+    DatasetTypeSpec("object_patch", ("skymap", "tract", "patch"), "ArrowAstropy"),
+    DatasetTypeSpec("object", ("skymap", "tract"), "ArrowAstropy"),
     DatasetTypeSpec("difference_image", ("instrument", "visit", "detector"), "FitsHDUList"),
     DatasetTypeSpec("dia_source_detector", ("instrument", "visit", "detector"), "ArrowAstropy"),
     DatasetTypeSpec("dia_source_visit", ("instrument", "visit"), "ArrowAstropy"),
@@ -59,6 +61,10 @@ DATASET_TYPES = {d.name: d for d in [
     DatasetTypeSpec("ss_source", ("instrument",), "ArrowAstropy"),
     *[DatasetTypeSpec(f"deep_coadd_{name}", ("skymap", "tract", "band"), "HealSparseMap")
       for name in PROPERTY_MAPS],
+    *[DatasetTypeSpec(f"deep_coadd_{name.replace('_map_', '_consolidated_map_')}", ("skymap", "band"),
+                      "HealSparseMap") for name in PROPERTY_MAPS],
+    DatasetTypeSpec("deep_coadd_property_map_survey_plot", ("skymap", "band"), "Plot"),
+    DatasetTypeSpec("property_map_metrics", ("skymap", "band"), "ArrowAstropy"),
 ]}
 
 REFCAT = "the_monster_sim"

@@ -44,10 +44,12 @@ def test_every_site_ran_its_share(result, local_sites):
     steps = {(r["site"], r["step"]) for r in result["progress"]}
     assert steps == {(s, st) for s in sites.sites for st in (
         "calibrateImage", "consolidateVisitSummary", "isolatedStarAssociation",
-        "updateVisitSummary", "assembleCoadd", "healSparsePropertyMaps", "subtractImages",
-        "consolidateDiaSourceTable", "drpAssociation", "drpDiaCalculation")} | {
+        "updateVisitSummary", "assembleCoadd", "healSparsePropertyMaps", "writeObjectTable",
+        "consolidateObjectTable", "subtractImages", "consolidateDiaSourceTable", "drpAssociation",
+        "drpDiaCalculation")} | {
             ("usdf", "fgcmFitCycle"), ("usdf", "fgcmOutputProducts"),
-            ("usdf", "linkSolarSystemObjects")}
+            ("usdf", "linkSolarSystemObjects"), ("usdf", "consolidateHealSparsePropertyMaps"),
+            ("usdf", "plotPropertyMapSurvey")}
     for name, site in sites.sites.items():
         butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
         raws = list(butler.registry.queryDatasets("raw", collections="ComCamSim/raw/all"))
@@ -116,6 +118,13 @@ def test_qa_against_truth(result):
     # linker is tested on its own in test_association.py; the demo's report has the check)
     variables = [c for c in result["qa"] if c["metric"].startswith(("variables", "false variable"))]
     assert len(variables) == 2 and all(c["pass"] for c in variables), variables
+    # coadd detection reaches the depth that the property maps predict: to 0.1 mag in gri, and
+    # within 0.2 mag in the bands with few stars and visits here (u: -0.12 in this campaign)
+    objects = [c for c in result["qa"] if c["metric"].startswith("coadd 50% completeness")]
+    assert len(objects) >= 4 and all(abs(c["value"]) <= 0.2 for c in objects), objects
+    assert all(c["pass"] for c in objects if c["metric"].split(",")[1][1] in "gri"), objects
+    survey = [c for c in result["qa"] if c["metric"].startswith("survey")]
+    assert len(survey) == 2 and all(c["pass"] for c in survey), survey
     assert result["qa_report"].endswith("qa.md")
 
 
@@ -290,3 +299,44 @@ def test_dia_objects_per_tract_with_light_curves(result, local_sites):
                               collections=f"ComCamSim/runs/{CAMPAIGN}")
     ss_object = home.get("ss_object", instrument="ComCamSim")
     assert set(ss_object.colnames) >= {"ss_object_id", "ra", "dec", "rate_ra", "rate_dec", "n_nights"}
+
+
+def test_objects_per_patch_and_tract_archived(result, local_sites):
+    """Every site measures objects on its own coadds, per patch and per tract, in every band it
+    coadded; the tract tables reach the campaign site with the final catalogs."""
+    sites = load_sites(local_sites)
+    home = Butler.from_config(sites["usdf"].repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+    archived = {r.dataId["tract"] for r in home.registry.queryDatasets("object")}
+    for site in sites.sites.values():
+        butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
+        patches = {(r.dataId["tract"], r.dataId["patch"])
+                   for r in butler.registry.queryDatasets("object_patch")}
+        assert patches == {(t, p) for t in site.sky.tracts for p in range(4)}
+        for tract in site.sky.tracts:
+            objects = butler.get("object", skymap="mini_skymap", tract=tract)
+            bands = {r.dataId["band"] for r in butler.registry.queryDatasets(
+                "deep_coadd", skymap="mini_skymap", tract=tract)}
+            assert len(objects) > 100 and len(set(objects["object_id"])) == len(objects)
+            assert set(objects["patch"]) == {0, 1, 2, 3} and (objects["tract"] == tract).all()
+            for band in bands:   # forced photometry wherever the band's coadd covers an object
+                assert objects[f"{band}_detected"].any()
+                assert np.isfinite(objects[f"{band}_psf_flux"]).mean() > 0.8
+            assert set(objects["ref_band"]) <= bands
+        assert set(site.sky.tracts) <= archived
+
+
+def test_survey_maps_plots_and_metrics_at_the_campaign_site(result, local_sites):
+    from drp_flows.tasks.step7 import CONSOLIDATED
+
+    home = Butler.from_config(load_sites(local_sites)["usdf"].repo_dir,
+                              collections=f"ComCamSim/runs/{CAMPAIGN}")
+    bands = {r.dataId["band"] for r in home.registry.queryDatasets("deep_coadd_n_exposure_map_sum")}
+    assert len(bands) >= 4
+    for band in bands:
+        for name in CONSOLIDATED.values():
+            assert home.get(name, skymap="mini_skymap", band=band).n_valid > 0
+        uri = home.getURI("deep_coadd_property_map_survey_plot", skymap="mini_skymap", band=band)
+        assert uri.read().startswith(b"\x89PNG")
+        metrics = home.get("property_map_metrics", skymap="mini_skymap", band=band)
+        assert list(metrics["property"]) == ["n_exposure", "exposure_time", "psf_size", "psf_maglim"]
+        assert (metrics["area_deg2"] > 0).all()

@@ -37,6 +37,8 @@ from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
 from drp_flows.tasks.qa_association import step5_qa
 from drp_flows.tasks.qa_diffim import step4_qa
+from drp_flows.tasks.qa_objects import object_qa
+from drp_flows.tasks.qa_survey import step7_qa
 from drp_flows.tasks.skymap import MiniSkymap
 from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
@@ -155,7 +157,9 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
     sections = [step1_qa(butlers, collection, Path(survey)),
                 step2_qa(open_butler(home), collection, Path(survey)),
                 step3_qa(open_butler(home), collection, Path(survey)),
-                step4, step5_qa(open_butler(home), collection, Path(survey), step4.epochs)]
+                object_qa(open_butler(home), butlers, collection, Path(survey)),
+                step4, step5_qa(open_butler(home), collection, Path(survey), step4.epochs),
+                step7_qa(open_butler(home), collection, Path(survey))]
     checks = [c for section in sections for c in section.checks()]
     store = home.store
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +201,7 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
         rows += run("stage3")
         ledgers += fan_in(site_file, campaign, "property maps in", list(MAP_TYPES))
         rows += run("stage4")
-        ledgers += fan_in(site_file, campaign, "final catalogs in", list(DIA_CATALOGS))
+        ledgers += fan_in(site_file, campaign, "final catalogs in", ["object", *DIA_CATALOGS])
         rows += run("final", only=home)
     table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
                                for r in rows])

@@ -25,7 +25,7 @@ from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import SiteConfig, load_sites
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks import step1, step2, step3, step4, step5
+from drp_flows.tasks import step1, step2, step3, step4, step5, step7
 from drp_flows.tasks.pipeline import LABELS
 from drp_flows.tasks.quanta import Quantum, QuantumResult, cluster_quanta, run_batch
 from drp_flows.tasks.register import Registration, register_outputs
@@ -36,10 +36,11 @@ STAGES = {
     "stage1": {"visit": [step1.CALIBRATE, step1.CONSOLIDATE], "tract": [step1.ASSOCIATE]},
     "global": {"campaign": [step2.FIT_CYCLE, step2.OUTPUT_PRODUCTS]},
     "stage2": {"visit": [step2.UPDATE_VISIT_SUMMARY]},
-    "stage3": {"tract": [step3.ASSEMBLE_COADD, step3.PROPERTY_MAPS]},
+    "stage3": {"tract": [step3.ASSEMBLE_COADD, step3.PROPERTY_MAPS, step3.WRITE_OBJECT_TABLE,
+                         step3.CONSOLIDATE_OBJECT_TABLE]},
     "stage4": {"visit": [step4.SUBTRACT, step5.CONSOLIDATE],
                "tract": [step5.ASSOCIATE, step5.DIA_CALCULATION]},
-    "final": {"campaign": [step5.LINK]},
+    "final": {"campaign": [step5.LINK, step7.CONSOLIDATE_MAPS, step7.PLOT_MAPS]},
 }
 
 

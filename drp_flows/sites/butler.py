@@ -65,6 +65,7 @@ FORMATTERS = {
     "HealSparseMap": f"{HealSparseFormatter.__module__}.{HealSparseFormatter.__qualname__}",
     "ArrowAstropy": "lsst.daf.butler.formatters.parquet.ParquetFormatter",
     "StructuredDataDict": "lsst.daf.butler.formatters.yaml.YamlFormatter",
+    "Plot": "lsst.daf.butler.formatters.matplotlib.MatplotlibFormatter",   # PNG, write-only
 }
 
 REPO_CONFIG = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drp_flows.tasks import step1, step2, step3, step4, step5
+from drp_flows.tasks import step1, step2, step3, step4, step5, step7
 from drp_flows.tasks.quanta import StepFunction
 
 Planner = Callable[..., tuple[list, int, list[dict]]]
@@ -35,10 +35,15 @@ LABELS = {
                                       step2.plan_update_visit_summary),
     step3.ASSEMBLE_COADD: Label("step3", step3.assemble_coadd, step3.plan_assemble_coadd, long=True),
     step3.PROPERTY_MAPS: Label("step3", step3.healsparse_property_maps, step3.plan_property_maps),
+    step3.WRITE_OBJECT_TABLE: Label("step3", step3.write_object_table, step3.plan_write_object_table),
+    step3.CONSOLIDATE_OBJECT_TABLE: Label("step3", step3.consolidate_object_table,
+                                          step3.plan_consolidate_object_table),
     step4.SUBTRACT: Label("step4", step4.subtract_and_detect, step4.plan_subtract, ("visit",)),
     step5.CONSOLIDATE: Label("step5", step5.consolidate_dia_sources, step5.plan_consolidate),
     step5.ASSOCIATE: Label("step5", step5.associate_tract, step5.plan_associate),
     step5.DIA_CALCULATION: Label("step5", step5.dia_calculation, step5.plan_dia_calculation,
                                  long=True),
     step5.LINK: Label("step5", step5.link_solar_system_objects, step5.plan_link),
+    step7.CONSOLIDATE_MAPS: Label("step7", step7.consolidate_maps, step7.plan_consolidate_maps),
+    step7.PLOT_MAPS: Label("step7", step7.plot_maps, step7.plan_plot_maps),
 }

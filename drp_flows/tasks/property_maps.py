@@ -86,3 +86,11 @@ def map_bytes(m: hsp.HealSparseMap) -> bytes:
         path = Path(tmp) / "map.hsp"
         m.write(str(path), format="fits")
         return path.read_bytes()
+
+
+def read_map(storage, uri: str) -> hsp.HealSparseMap:
+    """A map from site storage (HealSparse reads from a local path only)."""
+    with tempfile.TemporaryDirectory() as tmp, storage.open(uri, "rb") as f:
+        path = Path(tmp) / "map.hsp"
+        path.write_bytes(f.read())
+        return hsp.HealSparseMap.read(str(path))

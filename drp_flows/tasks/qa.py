@@ -358,41 +358,59 @@ class Step3QA:
         return None
 
 
+class FootprintTruth:
+    """The truth footprint: every processed CCD (one with a final visit summary) through its
+    true WCS, pixelised as the property maps are."""
+
+    def __init__(self, butler: Butler, collection: str, survey: Path):
+        from drp_flows.tasks.simulate import load_survey
+
+        cfg, _ = load_survey(survey)
+        self.sky, self.n = cfg.skymap, cfg.ccd_size
+        self.truth_ccd, _, _ = _truth(survey)
+        self.summaries = [butler.get(r) for r in butler.registry.queryDatasets(
+            "visit_summary", collections=collection, findFirst=True)]
+
+    def exact(self, nexp, exptime, band: str, tract: int | None = None) -> tuple[int, int, int]:
+        """(pixels, exact n_exposure, exact exposure time) over every pixel that the maps or
+        the truth put in the tract (in the skymap when tract is None)."""
+        import hpgeom
+
+        from drp_flows.tasks.property_maps import NSIDE, CcdInput, ccd_pixels
+
+        footprints = [ccd_pixels(CcdInput(header_wcs(fits.Header.fromstring(
+            self.truth_ccd[(int(r["visit"]), int(r["detector"]))]["wcs"])), (self.n, self.n), 0, 0, 0, 0))
+            for summary in self.summaries for r in summary if r["band"] == band]
+        truth_pix, truth_count = np.unique(np.concatenate(footprints), return_counts=True)
+        ra, dec = hpgeom.pixel_to_angle(NSIDE, truth_pix, nest=True)
+        where = self.sky.tract_of(ra, dec)
+        inside = where >= 0 if tract is None else where == tract
+        truth = dict(zip(truth_pix[inside], truth_count[inside], strict=True))
+        pixels = np.union1d(nexp.valid_pixels, truth_pix[inside])
+        expected = np.array([truth.get(p, 0) for p in pixels], float)
+
+        def values(m):
+            v = m.get_values_pix(pixels)
+            return np.where(v > hpgeom.UNSEEN, v, 0)
+        return (len(pixels), int((values(nexp) == expected).sum()),
+                int(np.isclose(values(exptime), 30.0 * expected).sum()))
+
+
 def step3_qa(butler: Butler, collection: str, survey: Path) -> Step3QA:
     """QA of the per-tract property maps gathered at the campaign site: every pixel that the
     maps or the truth footprint (processed CCDs through their true WCS) put in the tract."""
-    import hpgeom
-
-    from drp_flows.tasks.property_maps import NSIDE, CcdInput, ccd_pixels
-    from drp_flows.tasks.simulate import load_survey
-
-    cfg, _ = load_survey(survey)
-    sky, n = cfg.skymap, cfg.ccd_size
-    truth_ccd, _, _ = _truth(survey)
-    summaries = [butler.get(r) for r in butler.registry.queryDatasets(
-        "visit_summary", collections=collection, findFirst=True)]
+    truth = FootprintTruth(butler, collection, survey)
     qa = Step3QA()
     exact_n = exact_t = 0
     for ref in butler.registry.queryDatasets("deep_coadd_n_exposure_map_sum", collections=collection,
                                              findFirst=True):
-        tract, band = int(ref.dataId["tract"]), ref.dataId["band"]
-        nexp = butler.get(ref)
         exptime = butler.get("deep_coadd_exposure_time_map_sum", dataId=ref.dataId,
                              collections=collection)
-        footprints = [ccd_pixels(CcdInput(header_wcs(fits.Header.fromstring(
-            truth_ccd[(int(r["visit"]), int(r["detector"]))]["wcs"])), (n, n), 0, 0, 0, 0))
-            for summary in summaries for r in summary if r["band"] == band]
-        truth_pix, truth_count = np.unique(np.concatenate(footprints), return_counts=True)
-        ra, dec = hpgeom.pixel_to_angle(NSIDE, truth_pix, nest=True)
-        inside = sky.tract_of(ra, dec) == tract
-        truth = dict(zip(truth_pix[inside], truth_count[inside], strict=True))
-        pixels = np.union1d(nexp.valid_pixels, truth_pix[inside])
-        expected = np.array([truth.get(p, 0) for p in pixels], float)
-        got_n = np.where(nexp.get_values_pix(pixels) > hpgeom.UNSEEN, nexp.get_values_pix(pixels), 0)
-        got_t = np.where(exptime.get_values_pix(pixels) > hpgeom.UNSEEN, exptime.get_values_pix(pixels), 0)
-        exact_n += int((got_n == expected).sum())
-        exact_t += int(np.isclose(got_t, 30.0 * expected).sum())
-        qa.n_pixels += len(pixels)
+        n, good_n, good_t = truth.exact(butler.get(ref), exptime, ref.dataId["band"],
+                                        int(ref.dataId["tract"]))
+        exact_n += good_n
+        exact_t += good_t
+        qa.n_pixels += n
         qa.n_maps += 1
     if qa.n_pixels:
         qa.nexp_exact, qa.exptime_exact = exact_n / qa.n_pixels, exact_t / qa.n_pixels
@@ -400,8 +418,8 @@ def step3_qa(butler: Butler, collection: str, survey: Path) -> Step3QA:
 
 
 def write_report(sections: list, out: Path, title: str) -> Path:
-    """Markdown + JSON + PNG plots of QA sections (each with name, checks, summary, plot);
-    returns the markdown path."""
+    """Markdown + JSON + PNG plots of QA sections (each with name, checks, summary, and a plot
+    that writes one PNG or several and returns their names); returns the markdown path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,10 +432,10 @@ def write_report(sections: list, out: Path, title: str) -> Path:
         checks = section.checks()
         doc[section.name] = {"checks": checks, **section.summary()}
         lines += [f"## {section.name}", "", checks_markdown(checks), ""]
-        if hasattr(section, "details"):
+        if hasattr(section, "details") and section.details():
             lines += [section.details(), ""]
-        png = section.plot(plt, out)
-        if png:
+        pngs = section.plot(plt, out) or []
+        for png in [pngs] if isinstance(pngs, str) else pngs:
             lines += [f"![{section.name}]({png})", ""]
     (out / "qa.json").write_text(json.dumps(doc, indent=1, default=float))
     path = out / "qa.md"

@@ -1,6 +1,6 @@
 """Step 3 as quanta: a deep coadd per (tract, patch, band) from the calibrated visit images
-of the site's visits, scaled by their final (global) zeropoints, and the survey property maps
-per (tract, band)."""
+of the site's visits, scaled by their final (global) zeropoints, the survey property maps
+per (tract, band), and the objects measured on the coadds per patch and per tract."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from functools import lru_cache
 
 import numpy as np
 from astropy.io import fits
+from astropy.table import vstack
 from astropy.wcs import WCS
 from lsst.daf.butler import Butler
 
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.catalogs import read_table
+from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.coadd import CoaddAccumulator, njy_scale, warp
 from drp_flows.tasks.images import Exposure, read_fits
+from drp_flows.tasks.objects import measure_objects
 from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
 from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, tangent_wcs
@@ -29,6 +31,8 @@ from drp_flows.tasks.step1 import (
 
 ASSEMBLE_COADD = "assembleCoadd"
 PROPERTY_MAPS = "healSparsePropertyMaps"
+WRITE_OBJECT_TABLE = "writeObjectTable"       # detect, merge, measure, forced photometry per patch
+CONSOLIDATE_OBJECT_TABLE = "consolidateObjectTable"
 MAP_TYPES = tuple(f"deep_coadd_{name}" for name in MAPS)
 
 
@@ -81,6 +85,48 @@ def _overlaps(butler: Butler, storage: Storage, tracts: list[int], existing: lis
 
 plan_assemble_coadd = _plan_per_cell(ASSEMBLE_COADD, ("deep_coadd", "template_coadd"), with_patch=True)
 plan_property_maps = _plan_per_cell(PROPERTY_MAPS, MAP_TYPES, with_patch=False)
+
+
+def patch_datasets(butler: Butler, storage: Storage, dataset_type: str, tracts: list[int],
+                   existing: list[str]) -> dict[tuple[int, int], list[str]]:
+    """URIs of a per-(tract, patch[, band]) dataset type in the tracts, by (tract, patch)."""
+    out: dict[tuple[int, int], list[str]] = {}
+    if not existing or not tracts:
+        return out
+    for ref in butler.registry.queryDatasets(
+            dataset_type, collections=existing, findFirst=True, skymap=SKYMAP_NAME,
+            where=f"tract IN ({', '.join(map(str, tracts))})"):
+        key = (int(ref.dataId["tract"]), int(ref.dataId["patch"]))
+        out.setdefault(key, []).append(dataset_uri(butler, storage, ref))
+    return out
+
+
+def _plan_from_patches(label: str, needs: str, output: str, per_tract: bool):
+    """A planner of one quantum per patch (or per tract) over a per-patch input."""
+    def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
+             collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
+        done = done_quanta(butler, collections, (output,))
+        cells: dict[tuple, list[str]] = {}
+        for (tract, patch), uris in patch_datasets(butler, storage, needs, tracts,
+                                                   existing_collections(butler, collections)).items():
+            cells.setdefault((tract,) if per_tract else (tract, patch), []).extend(uris)
+        quanta, skipped = [], 0
+        for cell, uris in sorted(cells.items()):
+            data_id = dict(zip(("skymap", "tract", "patch")[:len(cell) + 1], (SKYMAP_NAME, *cell),
+                               strict=True))
+            if data_key(data_id) in done:
+                skipped += 1
+                continue
+            quanta.append(Quantum(label, data_id, {needs: sorted(uris)},
+                                  {output: output_uri(storage, run, output, data_id)}))
+        return quanta, skipped, []
+    return plan
+
+
+plan_write_object_table = _plan_from_patches(WRITE_OBJECT_TABLE, "deep_coadd", "object_patch",
+                                             per_tract=False)
+plan_consolidate_object_table = _plan_from_patches(CONSOLIDATE_OBJECT_TABLE, "object_patch", "object",
+                                                   per_tract=True)
 
 
 @lru_cache(maxsize=64)
@@ -154,3 +200,25 @@ def healsparse_property_maps(quantum: Quantum, storage: Storage, out: OutputWrit
     maps = property_maps(ccds, lambda ra, dec: sky.tract_of(ra, dec) == tract)
     for name, m in maps.items():
         out.write(f"deep_coadd_{name}", map_bytes(m))
+
+
+def write_object_table(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
+    """The objects of one patch from its deep coadds in every band (runs on a worker)."""
+    coadds = {}
+    for uri in quantum.inputs["deep_coadd"]:
+        exp = Exposure.from_hdulist(read_fits(storage, uri))
+        coadds[exp.metadata["BAND"]] = exp
+    try:
+        objects = measure_objects(coadds, quantum.data_id["tract"], quantum.data_id["patch"])
+    except ValueError as e:
+        raise ValueError(f"{quantum}: {e}") from e
+    out.write("object_patch", table_bytes(objects))
+
+
+def consolidate_object_table(quantum: Quantum, storage: Storage, out: OutputWriter,
+                             config: dict) -> None:
+    """The object table of a tract: its patches' tables, with every band's columns."""
+    tables = [read_table(storage, u) for u in quantum.inputs["object_patch"]]
+    objects = vstack(tables, join_type="outer", metadata_conflicts="silent")
+    objects.meta = {"tract": quantum.data_id["tract"]}
+    out.write("object", table_bytes(objects))
