@@ -68,20 +68,24 @@ def test_variables_flagged_and_constant_or_template_movers_not():
     mjd = np.repeat(61000.1 + np.arange(4), 3) + np.tile([0, 0.04, 0.08], 4)
     band = np.tile(["g", "r", "i"], 4)
     tables, truth, negative, bands = [], [], [], []
-    for k in range(400):
-        kind = ["constant", "variable", "template mover"][k % 3]
+    n = 500
+    for k in range(n):
+        kind = ["constant", "variable", "template mover", "faded variable", "variable"][k % 5]
         if kind == "constant":
             true = np.zeros(12)
         elif kind == "variable":      # 0.3 mag sinusoid of a 21st-mag star (~13,000 nJy)
             true = 13000 * 0.3 * 0.92 * np.sin(2 * np.pi * mjd / 1.7 + k)
+        elif kind == "faded variable":   # bright in the templates, fainter since, by 5-20%
+            true = -13000 * np.linspace(0.05, 0.2, 12)
         else:                         # an asteroid in the g template: constant -2,000 nJy in g
             true = np.where(band == "g", -2000.0, 0.0)
         tables.append(_forced(k, true + rng.normal(0, 100, 12), band, mjd))
-        truth.append(kind)
-        negative.append(3 if kind == "template mover" else 1)
-        bands.append(1 if kind == "template mover" else 2)
-    objects = Table({"dia_object_id": np.arange(400), "n_dia_sources": np.full(400, 3),
-                     "n_reliable": np.full(400, 3), "n_negative": negative, "n_bands": bands})
+        truth.append("variable" if kind == "faded variable" else kind)
+        # a faded variable detected only in g, as negatives: like a template mover but changing
+        negative.append(3 if kind in ("template mover", "faded variable") else 1)
+        bands.append(1 if kind in ("template mover", "faded variable") else 2)
+    objects = Table({"dia_object_id": np.arange(n), "n_dia_sources": np.full(n, 3),
+                     "n_reliable": np.full(n, 3), "n_negative": negative, "n_bands": bands})
     stats = light_curve_stats(objects, vstack(tables))
     truth = np.array(truth)
     assert stats["is_variable"][truth == "variable"].mean() >= 0.95

@@ -20,7 +20,10 @@ An object is flagged variable when its chi2 has a probability below VARIABLE_PRO
 was detected at least twice as a reliable source, neither a dipole nor a star's subtraction
 residual (one 5-sigma noise peak makes a chi2 as large as a real change, and a bright star's
 residuals recur), unless it is a template transient: only negative sources, all in one band, is
-what a mover or flare caught in that band's template leaves.
+what a mover or flare caught in that band's template leaves, if its forced fluxes are also
+what that leaves: one constant flux in that band, none in the others (a variable that was bright
+in one band's template and fainter since also gives only negative sources in that band, but its
+flux changes from image to image).
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def light_curve_stats(objects: Table, forced: Table) -> Table:
     n_obj = len(out)
     chi2, n_forced = np.zeros(n_obj), np.zeros(n_obj, int)
     stetson_j = np.full(n_obj, np.nan)
+    template_transient_prob = np.ones(n_obj)
     row_of = {int(i): k for k, i in enumerate(out["dia_object_id"])}
     good = forced[np.isfinite(forced["psf_flux"]) & (forced["psf_flux_err"] > 0)]
     if len(good):
@@ -151,16 +155,32 @@ def light_curve_stats(objects: Table, forced: Table) -> Table:
             z = np.asarray(lc["psf_flux"]) / np.asarray(lc["psf_flux_err"])
             chi2[k], n_forced[k] = float(np.sum(z ** 2)), len(lc)
             stetson_j[k] = _stetson_j(np.asarray(lc["mjd"]), _stetson_residuals(lc))
+            template_transient_prob[k] = _constant_in_one_band_prob(lc)
     with np.errstate(invalid="ignore"):
         p = np.where(n_forced > 0, chi2_dist.sf(chi2, np.maximum(n_forced, 1)), 1.0)
     out["n_forced"] = n_forced
     out["psf_flux_chi2"] = chi2
     out["psf_flux_chi2_prob"] = p
     out["stetson_j"] = stetson_j
-    out["is_template_transient"] = (out["n_negative"] == out["n_dia_sources"]) & (out["n_bands"] == 1)
+    out["is_template_transient"] = ((out["n_negative"] == out["n_dia_sources"]) & (out["n_bands"] == 1)
+                                    & (template_transient_prob >= VARIABLE_PROBABILITY))
     out["is_variable"] = ((p < VARIABLE_PROBABILITY) & ~out["is_template_transient"]
                           & (out["n_reliable"] >= MIN_DETECTIONS_VARIABLE))
     return out
+
+
+def _constant_in_one_band_prob(lc: Table) -> float:
+    """Probability of the light curve under what a template transient leaves: the same
+    difference flux on every image of one band (those sharing the template that caught it; the
+    band of the strongest mean) and none in the others."""
+    flux, err = np.asarray(lc["psf_flux"], float), np.asarray(lc["psf_flux_err"], float)
+    band = np.asarray(lc["band"])
+    w = 1 / err ** 2
+    bands = np.unique(band)
+    means = {b: np.sum((w * flux)[band == b]) / np.sum(w[band == b]) for b in bands}
+    strongest = max(bands, key=lambda b: abs(means[b]) * np.sqrt(np.sum(w[band == b])))
+    model = np.where(band == strongest, means[strongest], 0.0)
+    return float(chi2_dist.sf(np.sum(((flux - model) / err) ** 2), max(len(lc) - 1, 1)))
 
 
 def _stetson_residuals(lc: Table) -> np.ndarray:

@@ -3,7 +3,9 @@
 - Variables recovered: of the truth variables detectable as such, the fraction with a DIA
   object flagged variable within 1". Target >= 95%. Detectable: on at least two difference
   images the true change from the template is at S/N >= 6 (where DIA is complete) and at least
-  RESIDUAL_FRACTION of the star's flux (below that a change looks like a subtraction residual).
+  RESIDUAL_FRACTION of the flux of the brightest star within DIPOLE_FWHM, itself or a
+  neighbour (below that a change looks like that star's subtraction residual, and step 4 flags
+  it so, as it must for the residuals of bright stars).
 - False flags: of the DIA objects with no truth variable within 1" (noise peaks, subtraction
   residuals, asteroids, template asteroids), the fraction flagged variable. Target <= 1%.
 - Asteroids linked: an asteroid is findable (MOPS's criterion) when DIA found it on at least
@@ -42,7 +44,7 @@ def detectable_variables(epochs: Table) -> dict[int, int]:
     delta = np.abs(np.asarray(var["delta"]))
     with np.errstate(invalid="ignore"):
         good = (delta >= DETECTABLE_SNR * np.asarray(var["err"])) \
-            & (delta >= RESIDUAL_FRACTION * np.asarray(var["flux"]))
+            & (delta >= RESIDUAL_FRACTION * np.asarray(var["near_flux"]))
     ids, counts = np.unique(np.asarray(var["id"])[good], return_counts=True)
     return {int(i): int(c) for i, c in zip(ids, counts, strict=True)
             if c >= MIN_DETECTIONS_VARIABLE}

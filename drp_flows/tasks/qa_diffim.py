@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.coadd import NJY_MAG0
-from drp_flows.tasks.diffim import DETECTION_SIGMA, UNUSABLE, forced_photometry, measurable
+from drp_flows.tasks.diffim import DETECTION_SIGMA, DIPOLE_FWHM, UNUSABLE, forced_photometry, measurable
 from drp_flows.tasks.images import Exposure
 from drp_flows.tasks.qa import check
 from drp_flows.tasks.simulate import asteroid_mags, asteroid_positions, star_mags
@@ -97,7 +97,11 @@ def ccd_dia_qa(diff: Exposure, sources: Table, true_wcs, transients: Table, star
                            for j in near)
     # blank sky: away from every transient and every star this image can detect
     sx, sy = true_wcs.all_world2pix(np.asarray(stars["ra"]), np.asarray(stars["dec"]), 0)
-    detectable = star_mags(stars, band, mjd) < float(meta["M5"])
+    star_flux = njy(star_mags(stars, band, mjd))
+    detectable = star_flux > njy(float(meta["M5"]))
+    # the brightest star within DIPOLE_FWHM of each transient: what the residual flag compares with
+    near_flux = np.array([star_flux[j].max() if j else 0.0 for j in cKDTree(
+        np.column_stack([sx, sy])).query_ball_point(np.column_stack([tx, ty]), DIPOLE_FWHM * fwhm)])
     all_tx, all_ty = true_wcs.all_world2pix(np.asarray(transients["ra"]),
                                             np.asarray(transients["dec"]), 0)
     yy, xx = np.nonzero(usable)
@@ -113,7 +117,8 @@ def ccd_dia_qa(diff: Exposure, sources: Table, true_wcs, transients: Table, star
     n_fp = int(blank_map[syi, sxi].sum()) if len(sources) else 0
     with np.errstate(invalid="ignore", divide="ignore"):
         epochs = Table({"id": t["id"], "kind": t["kind"], "band": np.full(len(t), band),
-                        "mjd": np.full(len(t), mjd), "flux": t["flux"], "delta": delta, "err": err,
+                        "mjd": np.full(len(t), mjd), "flux": t["flux"],
+                        "near_flux": np.maximum(near_flux, np.asarray(t["flux"])), "delta": delta, "err": err,
                         "snr": np.abs(delta) / err, "found": found, "pull": (flux - delta) / err})
     return CcdTruthMatch(epochs, n_fp, 2 * noise_peaks_per_pixel(fwhm) * int(blank.sum()),
                          int(blank.sum()))
