@@ -12,9 +12,10 @@ import drp_flows  # noqa: F401  (offline Prefect defaults before Prefect is impo
 from drp_flows.tasks.simulate import SurveyConfig, simulate_survey
 
 # Small but real: 384 px CCDs, two nights of two rounds: each tract seen in two bands, twice
-# each (24 visits, 216 CCDs, all bands over the six tracts).
+# each (24 visits, 216 CCDs, all bands over the six tracts). Three asteroids a tract: two
+# nights cannot make them linkable, so the demo's density would only crowd the small CCDs.
 TEST_SURVEY = SurveyConfig(ccd_size=384, nights=2, rounds_per_night=2, n_bias=3, n_dark=2,
-                           n_flat=2)
+                           n_flat=2, asteroids_per_tract=3)
 
 
 def pytest_configure(config):

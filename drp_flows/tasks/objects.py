@@ -66,14 +66,13 @@ def prepare(band: str, coadd: Exposure, fwhm_guess_px: float = 5.0) -> BandCoadd
     for _ in range(2):
         objs, _ = detect(image, variance, ~covered, fwhm, thresh=10.0)
         fwhm = measure_fwhm(image, variance, objs, fwhm)
-    sig = significance(image, variance, fwhm)
-    # noise only: away from everything above threshold (the wings of bright stars widen it)
-    blank = covered & ~maximum_filter(sig > DETECTION_SIGMA, size=int(4 * fwhm) | 1)
-    image = np.ascontiguousarray(image - sep.Background(image, mask=~blank, bw=128, bh=128).back())
-    sig = significance(image, variance, fwhm)
+    # blank sky: away from everything above threshold (the wings of bright stars widen it)
+    blank = covered & ~maximum_filter(significance(image, variance, fwhm) > DETECTION_SIGMA,
+                                      size=int(4 * fwhm) | 1)
     if blank.sum() < 100:
         raise ValueError(f"{band}-band coadd has no blank sky to measure its noise on")
-    sig = sig[blank]
+    image = np.ascontiguousarray(image - sep.Background(image, mask=~blank, bw=128, bh=128).back())
+    sig = significance(image, variance, fwhm)[blank]
     scale = float(1.4826 * np.median(np.abs(sig - np.median(sig))))
     return BandCoadd(band, image, variance * scale ** 2, weight_var * scale ** 2, covered, fwhm, scale)
 
@@ -128,9 +127,9 @@ def measure_objects(coadds: dict[str, Exposure], tract: int, patch: int) -> Tabl
                "ref_band": objects["ref_band"], "detect_bands": objects["detect_bands"],
                "blended": objects["blended"]})
     t.meta = {"tract": tract, "patch": patch}
+    ny, nx = next(iter(coadds.values())).image.shape
+    iy, ix = np.clip(np.round(y).astype(int), 0, ny - 1), np.clip(np.round(x).astype(int), 0, nx - 1)
     for b, c in prepared.items():
-        iy = np.clip(np.round(y).astype(int), 0, c.image.shape[0] - 1)
-        ix = np.clip(np.round(x).astype(int), 0, c.image.shape[1] - 1)
         flux, err = psf_flux(c.image, c.weight_var, x, y, c.fwhm_px, variance=c.variance)
         covered = c.covered[iy, ix]
         t[f"{b}_psf_flux"] = np.where(covered, flux, np.nan)

@@ -21,13 +21,15 @@ from scipy.spatial import cKDTree
 
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.global_calib import repeatability
+from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.simulate import star_mags
 from drp_flows.tasks.skymap import header_wcs
 
-TARGETS = {"wcs_rms_mas": 10.0, "zp_rms_mmag": 10.0, "completeness50_offset_mag": 0.1,
+TARGETS = {"wcs_rms_mas": 10.0, "am1_mas": 10.0, "zp_rms_mmag": 10.0, "completeness50_offset_mag": 0.1,
            "global_zp_rms_mmag": 2.0, "pa1_gri_mmag": 5.0, "pa1_uzy_mmag": 7.5,
            "pa1_chi2": (0.8, 1.3)}
 BRIGHT_SNR = 50.0
+AM1_ANNULUS_ARCMIN = 5.0   # SRD; 1' when the camera's footprint is under three times that
 MAG_BINS = np.arange(-3.0, 1.51, 0.1)
 
 
@@ -46,6 +48,7 @@ class Step1QA:
     completeness50_offset_mag: float = float("nan")
     per_ccd: Table = field(default_factory=Table)
     completeness: dict = field(default_factory=dict)
+    am1: dict = field(default_factory=dict)
 
     def checks(self) -> list[dict]:
         return [
@@ -56,11 +59,18 @@ class Step1QA:
             check("50% completeness (isolated stars) minus m5", self.completeness50_offset_mag,
                   "mag", f"within +-{TARGETS['completeness50_offset_mag']}",
                   abs(self.completeness50_offset_mag) <= TARGETS["completeness50_offset_mag"]),
-        ]
+        ] + ([self._am1_check()] if self.am1 else [])
+
+    def _am1_check(self) -> dict:
+        a = self.am1
+        scaled = "; annulus scaled from 5' to fit the small camera" if a["annulus_arcmin"] < 5 else ""
+        return check(f"AM1: separation repeatability, r and i stars of 17-21.5 mag, pairs "
+                     f"{a['annulus_arcmin']:g}' +- 20% apart ({a['n_pairs']} pairs{scaled})",
+                     a["am1_mas"], "mas", f"<= {TARGETS['am1_mas']}", a["am1_mas"] <= TARGETS["am1_mas"])
 
     def summary(self) -> dict:
         return {"n_ccd": self.n_ccd, "zp_mean_mmag": self.zp_mean_mmag,
-                "completeness": self.completeness}
+                "completeness": self.completeness, "am1": self.am1}
 
     def plot(self, plt, out: Path) -> str | None:
         if not len(self.per_ccd):
@@ -180,7 +190,53 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
             frac.append(float(found[sel].mean()))
     qa.completeness = {"dm": centres, "fraction": frac}
     qa.completeness50_offset_mag = _crossing(np.array(centres), np.array(frac), 0.5)
+    tracts = {}       # each tract's isolated-star sources once, wherever they were made or moved
+    for butler in butlers:
+        for ref in butler.registry.queryDatasets("isolated_star_source", collections=collection,
+                                                 findFirst=True):
+            if int(ref.dataId["tract"]) not in tracts:
+                tracts[int(ref.dataId["tract"])] = butler.get(ref)
+    if tracts:
+        from drp_flows.tasks.simulate import load_survey
+
+        footprint_arcmin = 3 * load_survey(survey)[0].ccd_size * PIXEL_SCALE / 60
+        qa.am1 = am1(vstack(list(tracts.values()), metadata_conflicts="silent"),
+                     AM1_ANNULUS_ARCMIN if footprint_arcmin >= 3 * AM1_ANNULUS_ARCMIN else 1.0)
     return qa
+
+
+def am1(sources: Table, annulus_arcmin: float) -> dict:
+    """AM1 as Rubin's faro computes it: stars of median magnitude 17-21.5 in r and i, pairs
+    whose mean positions are annulus +- 20% apart; per pair the sample std of their separation
+    over the visits that see both; the median over pairs (mas)."""
+    s = sources[np.isin(sources["band"], ["r", "i"]) & np.isfinite(sources["mag"])]
+    keys, star = np.unique(np.column_stack([s["tract"], s["isolated_star_id"], s["band"] == "r"]),
+                           axis=0, return_inverse=True)
+    star = star.ravel()
+    n = np.bincount(star)
+    xyz = np.zeros((len(keys), 3))
+    np.add.at(xyz, star, unit_vectors(np.asarray(s["ra"]), np.asarray(s["dec"])))
+    mags = np.array([np.median(np.asarray(s["mag"])[star == k]) for k in range(len(keys))])
+    good = np.flatnonzero((mags >= 17.0) & (mags <= 21.5) & (n >= 2))
+    mean = xyz[good] / np.linalg.norm(xyz[good], axis=1, keepdims=True)
+    lo, hi = chord(annulus_arcmin * 0.8 * 60), chord(annulus_arcmin * 1.2 * 60)
+    pairs = cKDTree(mean).query_pairs(hi, output_type="ndarray")
+    pairs = pairs[np.linalg.norm(mean[pairs[:, 0]] - mean[pairs[:, 1]], axis=1) >= lo]
+    by_star = {int(k): {} for k in good}
+    for k, v, ra, dec in zip(star, s["visit"], s["ra"], s["dec"], strict=True):
+        if int(k) in by_star:
+            by_star[int(k)][int(v)] = (float(ra), float(dec))
+    stds = []
+    for a, b in pairs:
+        pa, pb = by_star[int(good[a])], by_star[int(good[b])]
+        common = sorted(pa.keys() & pb.keys())
+        if len(common) >= 2:
+            u = unit_vectors(*np.array([pa[v] for v in common]).T)
+            w = unit_vectors(*np.array([pb[v] for v in common]).T)
+            sep = np.degrees(np.arccos(np.clip(np.sum(u * w, axis=1), -1, 1))) * 3.6e6
+            stds.append(float(np.std(sep, ddof=1)))
+    return {"annulus_arcmin": annulus_arcmin, "n_pairs": len(stds),
+            "am1_mas": float(np.median(stds)) if stds else float("nan")}
 
 
 def _crossing(x: np.ndarray, y: np.ndarray, level: float) -> float:
