@@ -26,6 +26,7 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 from scipy.spatial import cKDTree
 
+from drp_flows.tasks.camera import BANDS
 from drp_flows.tasks.coadd import NJY_MAG0
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.property_maps import NSIDE
@@ -80,6 +81,8 @@ class ObjectQA:
             ax[1].imshow(rgb, origin="lower")
             ax[1].scatter(x, y, s=40, facecolors="none", edgecolors="w", lw=0.5)
             ax[1].set(title=title, xticks=[], yticks=[])
+        else:
+            ax[1].set_axis_off()
         fig.tight_layout()
         fig.savefig(out / "step3_objects_qa.png", dpi=90)
         plt.close(fig)
@@ -146,12 +149,12 @@ def object_qa(butler: Butler, site_butlers: list[Butler], collection: str, surve
         return qa
     qa.n_object = sum(len(t) for t in tables.values())
     truth = isolated_truth(survey)
+    pix = hpgeom.angle_to_pixel(NSIDE, np.asarray(truth["ra"]), np.asarray(truth["dec"]))
     per_band: dict[str, list] = {}
     for data_id, depth_map in _gather(butler, "deep_coadd_psf_maglim_map_weighted_mean", collection):
         tract, band = int(data_id["tract"]), data_id["band"]
         if tract not in tables or f"{band}_detected" not in tables[tract].colnames:
             continue
-        pix = hpgeom.angle_to_pixel(NSIDE, np.asarray(truth["ra"]), np.asarray(truth["dec"]))
         depth = depth_map.get_values_pix(pix)
         on = depth > hpgeom.UNSEEN
         per_band.setdefault(band, []).append((tables[tract], truth[on], depth[on]))
@@ -168,19 +171,19 @@ def object_qa(butler: Butler, site_butlers: list[Butler], collection: str, surve
     return qa
 
 
-def coadd_cutout(butler: Butler, collection: str, data_id: dict, objects: Table) -> tuple:
-    """An RGB picture of one patch (i, r, g as red, green, blue) with its objects."""
+def coadd_cutout(butler: Butler, collection: str, data_id: dict, objects: Table) -> tuple | None:
+    """An RGB picture of one patch from its three reddest bands (red to blue) with its
+    objects; None if the site holds no coadd of the patch."""
     from astropy.visualization import make_lupton_rgb
 
-    images = []
-    for band in "irg":
-        try:
-            hdul = butler.get("deep_coadd", dataId=dict(data_id) | {"band": band},
-                              collections=collection)
-        except LookupError:
-            return None
-        images.append(np.asarray(hdul["IMAGE"].data, float))
-    rgb = make_lupton_rgb(*images, minimum=0, stretch=20, Q=8)
+    refs = {r.dataId["band"]: r for r in butler.registry.queryDatasets(
+        "deep_coadd", collections=collection, findFirst=True, dataId=data_id)}
+    bands = [b for b in reversed(BANDS) if b in refs][:3]
+    if not bands:
+        return None
+    bands += [bands[-1]] * (3 - len(bands))
+    images = [np.asarray(butler.get(refs[b])["IMAGE"].data, float) for b in bands]
     obj = objects[objects["patch"] == data_id["patch"]]
-    return (rgb, f"tract {data_id['tract']} patch {data_id['patch']}: gri coadd, objects",
+    return (make_lupton_rgb(*images, minimum=0, stretch=20, Q=8),
+            f"tract {data_id['tract']} patch {data_id['patch']}: {''.join(reversed(bands))} coadd, objects",
             np.asarray(obj["x"]), np.asarray(obj["y"]))
