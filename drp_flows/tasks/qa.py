@@ -426,6 +426,7 @@ class FootprintTruth:
         self.truth_ccd, _, _ = _truth(survey)
         self.summaries = [butler.get(r) for r in butler.registry.queryDatasets(
             "visit_summary", collections=collection, findFirst=True)]
+        self._band_pixels: dict[str, tuple] = {}
 
     def exact(self, nexp, exptime, band: str, tract: int | None = None) -> tuple[int, int, int]:
         """(pixels, exact n_exposure, exact exposure time) over every pixel that the maps or
@@ -434,12 +435,14 @@ class FootprintTruth:
 
         from drp_flows.tasks.property_maps import NSIDE, CcdInput, ccd_pixels
 
-        footprints = [ccd_pixels(CcdInput(header_wcs(fits.Header.fromstring(
-            self.truth_ccd[(int(r["visit"]), int(r["detector"]))]["wcs"])), (self.n, self.n), 0, 0, 0, 0))
-            for summary in self.summaries for r in summary if r["band"] == band]
-        truth_pix, truth_count = np.unique(np.concatenate(footprints), return_counts=True)
-        ra, dec = hpgeom.pixel_to_angle(NSIDE, truth_pix, nest=True)
-        where = self.sky.tract_of(ra, dec)
+        if band not in self._band_pixels:   # once per band, whichever tracts ask
+            footprints = [ccd_pixels(CcdInput(header_wcs(fits.Header.fromstring(
+                self.truth_ccd[(int(r["visit"]), int(r["detector"]))]["wcs"])), (self.n, self.n),
+                0, 0, 0, 0)) for summary in self.summaries for r in summary if r["band"] == band]
+            truth_pix, truth_count = np.unique(np.concatenate(footprints), return_counts=True)
+            ra, dec = hpgeom.pixel_to_angle(NSIDE, truth_pix, nest=True)
+            self._band_pixels[band] = truth_pix, truth_count, self.sky.tract_of(ra, dec)
+        truth_pix, truth_count, where = self._band_pixels[band]
         inside = where >= 0 if tract is None else where == tract
         truth = dict(zip(truth_pix[inside], truth_count[inside], strict=True))
         pixels = np.union1d(nexp.valid_pixels, truth_pix[inside])
@@ -488,8 +491,9 @@ def write_report(sections: list, out: Path, title: str) -> Path:
         checks = section.checks()
         doc[section.name] = {"checks": checks, **section.summary()}
         lines += [f"## {section.name}", "", checks_markdown(checks), ""]
-        if hasattr(section, "details") and section.details():
-            lines += [section.details(), ""]
+        details = section.details() if hasattr(section, "details") else ""
+        if details:
+            lines += [details, ""]
         pngs = section.plot(plt, out) or []
         for png in [pngs] if isinstance(pngs, str) else pngs:
             lines += [f"![{section.name}]({png})", ""]
