@@ -6,10 +6,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from drp_flows.tasks import calibs
-from drp_flows.tasks.calibrate import CalibrationError, calibrate
+from drp_flows.tasks.calibrate import CalibrationError, calibrate, visit_psf_fwhm
 from drp_flows.tasks.camera import PHYSICAL_FILTERS
 from drp_flows.tasks.isr import run_isr
-from drp_flows.tasks.psf import add_point_sources, fit_fwhm, psf_flux
+from drp_flows.tasks.psf import add_point_sources, fit_fwhm, psf_flux, psf_flux_scale
 from drp_flows.tasks.simulate import load_survey, response
 from drp_flows.tasks.skymap import header_wcs
 
@@ -119,6 +119,24 @@ def test_psf_flux_unbiased_at_low_snr():
                          variance=np.maximum(noisy, 0) + 62.4)
     assert abs(np.mean(flux) / 3000 - 1) < 3 * np.std(flux) / 3000 / 10
     assert abs(np.median(fit_fwhm(noisy - 30.0, np.full(img.shape, 92.4), x, y, 5.0)) / 4 - 1) < 0.02
+
+
+def test_psf_flux_of_a_mis_sized_model_is_rescaled_to_the_total():
+    """A model 4% too wide gives ~4% too much flux; psf_flux_scale takes it back to the total."""
+    img = np.zeros((200, 200))
+    x, y = np.array([50.3, 120.0, 150.7]), np.array([60.2, 100.5, 150.1])
+    add_point_sources(img, x, y, np.full(3, 1e5), 4.0)
+    flux, _ = psf_flux(img, np.ones_like(img), x, y, 4.16)
+    assert np.all(np.abs(flux / 1e5 - 1.04) < 0.01)
+    assert np.all(np.abs(flux * psf_flux_scale(4.16, 4.0) / 1e5 - 1) < 5e-4)
+
+
+def test_visit_psf_pools_detectors_that_agree():
+    fwhm, err = np.array([4.00, 4.02, 3.99, 4.01]), np.array([0.02, 0.01, 0.02, 0.04])
+    assert abs(visit_psf_fwhm(fwhm, err) - 4.0116) < 0.0005
+    # a PSF that changes across the focal plane (10% at 0.5% errors): each detector keeps its own
+    assert visit_psf_fwhm(np.array([4.0, 4.2, 4.4, 4.1]), np.full(4, 0.02)) is None
+    assert visit_psf_fwhm(np.array([4.0]), np.array([0.02])) is None
 
 
 def test_blank_ccd_is_a_clear_error(calibrated):

@@ -12,6 +12,11 @@ Observations are clipped (down to 3 sigma) and re-weighted with errors predicted
 (weights from measured fluxes favour stars that fluctuated up); stars with chi2/dof > 4
 (variables) are dropped. 10% of the stars, chosen by a hash of their ID, are reserved: they
 never enter the fit and measure the repeatability it reaches.
+
+Then FGCM's physical model: ZP = visit term (atmosphere) + detector term (superstar flat) +
+a per-CCD gray part. The free zeropoints fix the two terms and tau, the gray scatter beyond
+their errors; a last solve has each ZP's prior at the model with width tau. A CCD with few
+stars (u: ~30 on a 512-px CCD, 5 mmag free) then borrows from the model what its stars lack.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ CLIP_SIGMA = 3.0
 MAX_STAR_CHI2 = 4.0        # reduced chi2 above which a star is dropped (a variable)
 SYS_FLOOR = 0.002          # mag, added in quadrature per observation (flat-field noise)
 ZP_PRIOR_SIGMA = 0.5       # mag, loose prior on each ZP around its single-frame value
+GRAY_FLOOR = 0.001         # mag, least per-CCD scatter about the visit + detector model
+MIN_MODEL_DOF = 10
 RESERVED_FRACTION = 0.1
 CLIP_SCHEDULE = (np.inf, 10.0, 5.0, CLIP_SIGMA, CLIP_SIGMA)
 PA1_SNR = 200.0            # SRD: PA1 from bright stars
@@ -104,6 +111,35 @@ def repeated_observations(rng: np.random.Generator, n_visit: int, n_detector: in
     return obs, ref, true_zp, true_mag
 
 
+def zeropoint_model(ccd_keys: np.ndarray, zp: np.ndarray, zp_err: np.ndarray
+                    ) -> tuple[np.ndarray, float] | None:
+    """Per-visit plus per-detector zeropoints fitted to the free per-CCD ones, and tau, the
+    per-CCD scatter about them beyond the formal errors (moments, floored at GRAY_FLOOR).
+
+    None when the model has too few degrees of freedom to measure tau (fewer than
+    MIN_MODEL_DOF CCDs beyond its parameters).
+    """
+    _, v = np.unique(ccd_keys[:, 0], return_inverse=True)
+    _, d = np.unique(ccd_keys[:, 1], return_inverse=True)
+    n_v, n = v.max() + 1, len(zp)
+    x = np.zeros((n, n_v + d.max() + 1))
+    x[np.arange(n), v.ravel()] = 1
+    x[np.arange(n), n_v + d.ravel()] = 1
+    rank = np.linalg.matrix_rank(x)
+    if n - rank < MIN_MODEL_DOF:
+        return None
+    tau2 = GRAY_FLOOR ** 2
+    for _ in range(10):
+        sw = 1 / np.sqrt(zp_err ** 2 + tau2)
+        coef = np.linalg.lstsq(x * sw[:, None], zp * sw, rcond=None)[0]
+        resid = zp - x @ coef
+        new = max(GRAY_FLOOR ** 2, np.sum(resid ** 2) / (n - rank) - np.mean(zp_err ** 2))
+        if abs(new - tau2) < 1e-4 * tau2:
+            break
+        tau2 = new
+    return x @ coef, float(np.sqrt(tau2))
+
+
 def solve_band(obs: Table, ref: Table, band: str, prelim: dict[tuple, float],
                sys_floor: float = SYS_FLOOR) -> BandSolution:
     """Zeropoints of one band's CCDs from its isolated-star observations."""
@@ -161,6 +197,12 @@ def solve_band(obs: Table, ref: Table, band: str, prelim: dict[tuple, float],
     for _ in range(2):
         (zp, zp_err, mag), pull = solve()
         use = fitted & (np.abs(pull) < CLIP_SIGMA)
+    # FGCM's physical model: a per-visit (atmosphere) plus a per-detector (superstar flat)
+    # term, the free per-CCD part shrunk towards it by its measured scatter
+    model = zeropoint_model(ccd_keys, zp, zp_err)
+    if model is not None:
+        zp0, zp_w = model[0], np.full(n_z, 1 / model[1] ** 2)
+        (zp, zp_err, mag), pull = solve()
 
     # reserved stars and variables: magnitudes from the fitted zeropoints alone
     w = 1 / sigma ** 2
@@ -208,12 +250,22 @@ def fit_cycle(sources: list[Table], ref: Table, summaries: list[Table]) -> tuple
     return zeropoints, standard
 
 
-def repeatability(obs: Table, zeropoints: Table, min_snr: float = PA1_SNR) -> dict:
+def calibrated_mag_err(snr: np.ndarray, zp_err: np.ndarray, sys_floor: float = SYS_FLOOR) -> np.ndarray:
+    """Error of a calibrated magnitude: photon noise, the zeropoint's error and the per-
+    observation systematic floor that the fit itself assumes (as FGCM's error model)."""
+    return np.sqrt((1.0857 / np.asarray(snr, float)) ** 2 + np.asarray(zp_err, float) ** 2 + sys_floor ** 2)
+
+
+def repeatability(obs: Table, zeropoints: Table, min_snr: float = PA1_SNR,
+                  sys_floor: float = SYS_FLOOR) -> dict:
     """PA1 per band: the median over bright stars of the rms of their calibrated magnitudes,
-    and the error-normalised chi2/dof of the same repeats. A few variable stars would own a
-    summed chi2, so stars beyond chi2/dof = 25 (a 5-sigma star) are counted, not summed."""
+    and the chi2/dof of the same repeats normalised by their calibrated-magnitude errors. A
+    few variable stars would own a summed chi2, so stars beyond chi2/dof = 25 (a 5-sigma
+    star) are counted, not summed."""
     zp = {(int(v), int(d)): float(p) for v, d, p in
           zip(zeropoints["visit"], zeropoints["detector"], zeropoints["zero_point"], strict=True)}
+    zp_err = {(int(v), int(d)): float(e) for v, d, e in
+              zip(zeropoints["visit"], zeropoints["detector"], zeropoints["zero_point_err"], strict=True)}
     out = {}
     for band in sorted(set(obs["band"])):
         o = obs[(obs["band"] == band) & (obs["snr"] >= min_snr)]
@@ -222,7 +274,9 @@ def repeatability(obs: Table, zeropoints: Table, min_snr: float = PA1_SNR) -> di
         mag = np.array([zp.get((int(v), int(d)), np.nan)
                         for v, d in zip(o["visit"], o["detector"], strict=True)])
         mag -= 2.5 * np.log10(np.asarray(o["psf_flux"], float))
-        err = 1.0857 / np.asarray(o["snr"], float)
+        err = calibrated_mag_err(o["snr"], [zp_err.get((int(v), int(d)), np.nan)
+                                            for v, d in zip(o["visit"], o["detector"], strict=True)],
+                                 sys_floor)
         _, s = np.unique(np.column_stack([o["tract"], o["isolated_star_id"]]), axis=0, return_inverse=True)
         s = s.ravel()
         n = np.bincount(s)

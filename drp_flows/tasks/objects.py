@@ -65,7 +65,7 @@ def prepare(band: str, coadd: Exposure, fwhm_guess_px: float = 5.0) -> BandCoadd
     fwhm = fwhm_guess_px
     for _ in range(2):
         objs, _ = detect(image, variance, ~covered, fwhm, thresh=10.0)
-        fwhm = measure_fwhm(image, variance, objs, fwhm)
+        fwhm = measure_fwhm(image, variance, objs, fwhm)[0]
     # blank sky: away from everything above threshold (the wings of bright stars widen it)
     blank = covered & ~maximum_filter(significance(image, variance, fwhm) > DETECTION_SIGMA,
                                       size=int(4 * fwhm) | 1)

@@ -39,10 +39,15 @@ def stamp_indices(ix: np.ndarray, iy: np.ndarray, offs: np.ndarray, shape: tuple
 
 def add_point_sources(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
                       fwhm_px: float) -> None:
-    """Add Moffat point sources (flux in image units) into `image`, clipped at the edges."""
+    """Add Moffat point sources (flux in image units) into `image`, clipped at the edges.
+
+    The profile is the untruncated Moffat's, cut at 4 FWHM: the 0.1% of flux beyond is left
+    out rather than squeezed into the stamp, which made every star's core 0.1% (1 mmag) too
+    bright for a measurement that (rightly) assumes the untruncated profile.
+    """
     if len(x) == 0:
         return
-    ix, iy, offs, prof = moffat_stamps(x, y, fwhm_px, int(np.ceil(4 * fwhm_px)))
+    ix, iy, offs, prof = moffat_stamps(x, y, fwhm_px, int(np.ceil(4 * fwhm_px)), unit_sum=False)
     flat, inside = stamp_indices(ix, iy, offs, image.shape)
     image += np.bincount(flat[inside], weights=(prof * flux[:, None, None])[inside],
                          minlength=image.size).reshape(image.shape)
@@ -66,6 +71,18 @@ def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.nda
     norm = (w * prof).sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (w * data).sum(axis=(1, 2)) / norm, np.sqrt((w * w * var).sum(axis=(1, 2))) / norm
+
+
+def psf_flux_scale(fwhm_used_px: float, fwhm_true_px: float) -> float:
+    """Factor turning `psf_flux` measured with a `fwhm_used_px` model into the total flux of a
+    star whose profile has `fwhm_true_px` (1% too wide a model is ~1% too much flux): the
+    ratio of the two normalisations, averaged over sub-pixel centres."""
+    sub = np.linspace(-0.375, 0.375, 4)
+    x, y = (a.ravel() for a in np.meshgrid(sub, sub))
+    half = int(np.ceil(2 * fwhm_used_px))
+    used = moffat_stamps(x, y, fwhm_used_px, half, unit_sum=False)[3]
+    true = moffat_stamps(x, y, fwhm_true_px, half, unit_sum=False)[3]
+    return float(np.mean((used * used).sum(axis=(1, 2)) / (used * true).sum(axis=(1, 2))))
 
 
 def fit_fwhm(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.ndarray,

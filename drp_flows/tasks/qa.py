@@ -20,7 +20,7 @@ from lsst.daf.butler import Butler
 from scipy.spatial import cKDTree
 
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
-from drp_flows.tasks.global_calib import repeatability
+from drp_flows.tasks.global_calib import SYS_FLOOR, repeatability
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.simulate import star_mags
 from drp_flows.tasks.skymap import header_wcs
@@ -280,8 +280,9 @@ class Step2QA:
             target = TARGETS["pa1_gri_mmag" if band in "gri" else "pa1_uzy_mmag"]
             out.append(check(f"PA1 {band} ({p['n_star']} stars, S/N >= 200)", p["pa1_mmag"], "mmag",
                              f"<= {target}", p["pa1_mmag"] <= target))
-            out.append(check(f"PA1 {band}: error-normalised chi2/dof ({p['n_outlier']} stars beyond "
-                             f"5 sigma, variables, left out)", p["chi2_dof"], "", f"{lo}-{hi}",
+            out.append(check(f"PA1 {band}: chi2/dof with the calibrated-magnitude errors (photon, "
+                             f"zeropoint, {SYS_FLOOR * 1000:.0f} mmag floor; {p['n_outlier']} stars "
+                             f"beyond 5 sigma, variables, left out)", p["chi2_dof"], "", f"{lo}-{hi}",
                              lo <= p["chi2_dof"] <= hi))
         out.append(check("final visit summaries at the campaign site", self.n_visit_summary, "visits",
                          f"= {self.n_visit}", self.n_visit_summary == self.n_visit))

@@ -4,7 +4,8 @@ isolated-star association per tract.
 Planning runs in the flow process against the site Butler (URIs of inputs, planned URIs of
 outputs, skip what is registered); the quantum functions run on Dask workers and see only URIs.
 ISR runs inside the calibrateImage quantum (as BPS clusters isr with calibrateImage), so the
-post-ISR image never goes through storage.
+post-ISR image never goes through storage. The consolidation per visit also pools the
+detectors' PSF sizes into the visit's (finalizeCharacterization's role), when they agree.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from lsst.daf.butler import Butler
 
 from drp_flows.datamodel import CALIB_COLLECTION, DATASET_TYPES, DEFAULTS, REFCAT, SKYMAP_RUN
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.calibrate import calibrate
-from drp_flows.tasks.camera import INSTRUMENT, Camera
+from drp_flows.tasks.calibrate import calibrate, visit_psf_fwhm
+from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.images import read_fits
 from drp_flows.tasks.isolated_stars import associate
 from drp_flows.tasks.isr import check_raw, run_isr
+from drp_flows.tasks.psf import psf_flux_scale
 from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 
@@ -31,7 +33,8 @@ CALIBRATE = "calibrateImage"
 CONSOLIDATE = "consolidateVisitSummary"
 ASSOCIATE = "isolatedStarAssociation"
 SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zero_point_nstar",
-                "PSF_FWHM": "psf_fwhm", "SKYBG": "sky_bg", "SKYNOISE": "sky_noise", "M5": "m5",
+                "PSF_FWHM": "psf_fwhm", "PSF_FWHM_ERR": "psf_fwhm_err", "SKYBG": "sky_bg",
+                "SKYNOISE": "sky_noise", "M5": "m5",
                 "NSOURCE": "n_source", "WCS_RMS": "astrom_rms_mas", "WCS_NREF": "astrom_nref",
                 "APCORR": "ap_corr_qa"}
 
@@ -240,6 +243,23 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
     out.write("single_visit_star_unstandardized", table_bytes(stars))
 
 
+def apply_visit_psf(summary: Table) -> dict[int, float]:
+    """Give every detector the visit's PSF size when the detectors agree on it: psf_fwhm
+    becomes the visit's (the detector's own fit is kept as psf_fwhm_detector), and the PSF
+    fluxes and zeropoint move with it. Returns the flux factor per detector."""
+    summary["psf_fwhm_detector"] = summary["psf_fwhm"]
+    summary["psf_flux_scale"] = 1.0
+    visit_fwhm = visit_psf_fwhm(np.asarray(summary["psf_fwhm"], float),
+                                np.asarray(summary["psf_fwhm_err"], float))
+    if visit_fwhm is None:
+        return {}
+    for row in summary:
+        scale = psf_flux_scale(row["psf_fwhm"] / PIXEL_SCALE, visit_fwhm / PIXEL_SCALE)
+        row["psf_fwhm"], row["psf_flux_scale"] = visit_fwhm, scale
+        row["zero_point"] += 2.5 * np.log10(scale)
+    return {int(d): float(s) for d, s in zip(summary["detector"], summary["psf_flux_scale"], strict=True)}
+
+
 def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
     """Visit summary (one row per detector) and the visit's star table (runs on a worker)."""
     rows = []
@@ -252,10 +272,13 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
         rows.append(row)
     summary = Table(rows=rows)
     summary.sort("detector")
+    flux_scale = apply_visit_psf(summary)
     out.write("preliminary_visit_summary", table_bytes(summary))
     tables = []
     for uri in quantum.inputs.get("single_visit_star_unstandardized", []):
         t = read_table(storage, uri)
+        for column in ("psf_flux", "psf_flux_err"):
+            t[column] *= flux_scale.get(t.meta["detector"], 1.0)
         t["visit"] = np.full(len(t), t.meta["visit"], dtype=np.int64)
         t["detector"] = np.full(len(t), t.meta["detector"], dtype=np.int32)
         t["band"] = t.meta["band"]

@@ -14,7 +14,7 @@ from lsst.daf.butler import Butler
 from drp_flows.datamodel import DEFAULTS, REFCAT
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import read_table, table_bytes
-from drp_flows.tasks.global_calib import fit_cycle
+from drp_flows.tasks.global_calib import calibrated_mag_err, fit_cycle
 from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.step1 import (
     data_key,
@@ -120,7 +120,8 @@ def run_output_products(quantum: Quantum, storage: Storage, out: OutputWriter, c
 def run_update_visit_summary(quantum: Quantum, storage: Storage, out: OutputWriter,
                              config: dict) -> None:
     """Apply a visit's global calibration: the final visit summary (global zero point, its
-    change from single-frame calibration, depth with it) and the star table in calibrated mags."""
+    change from single-frame calibration, depth with it) and the star table in calibrated mags,
+    their errors with the calibration's."""
     summary = read_table(storage, quantum.inputs["preliminary_visit_summary"])
     calib = read_table(storage, quantum.inputs["fgcm_photo_calib"])
     by_detector = {int(d): k for k, d in enumerate(calib["detector"])}
@@ -138,8 +139,8 @@ def run_update_visit_summary(quantum: Quantum, storage: Storage, out: OutputWrit
 
     stars = read_table(storage, quantum.inputs["single_visit_star"])
     if len(stars):
-        zp_of = dict(zip(summary["detector"], zp, strict=True))
-        star_zp = np.array([zp_of[d] for d in stars["detector"]])
+        k = np.array([by_detector[int(d)] for d in stars["detector"]])
         with np.errstate(invalid="ignore", divide="ignore"):
-            stars["mag"] = star_zp - 2.5 * np.log10(stars["psf_flux"])
+            stars["mag"] = np.asarray(calib["zero_point"])[k] - 2.5 * np.log10(stars["psf_flux"])
+            stars["mag_err"] = calibrated_mag_err(stars["snr"], np.asarray(calib["zero_point_err"])[k])
     out.write("recalibrated_star", table_bytes(stars))
