@@ -99,12 +99,12 @@ def print_summary(result: dict, wall: float) -> None:
                       f"{s['seconds']:.0f} s")
     if result.get("transfers"):
         moves = RichTable(title="transfers (closed loop: copied, ingested, verified)")
-        for col in ("movement", "from", "to", "datasets", "copied", "MB", "seconds", "MB/s"):
+        for col in ("movement", "from", "to", "datasets", "copied", "bundles", "MB", "seconds", "MB/s"):
             moves.add_column(col)
         for t in result["transfers"]:
             moves.add_row(t["label"], t["source"], t["destination"], str(t["datasets"]),
-                          str(t["files"]), f"{t['bytes'] / 1e6:.2f}", f"{t['seconds']:.2f}",
-                          f"{t['mb_per_s']:.1f}")
+                          str(t["files"]), str(t["bundles"]), f"{t['bytes'] / 1e6:.2f}",
+                          f"{t['seconds']:.2f}", f"{t['mb_per_s']:.1f}")
         console.print(moves)
     for f in result.get("quarantined", []):
         console.print(f"[yellow]quarantined[/] {f['step']} {f['data_id']}: {f['error']}")

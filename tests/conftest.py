@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,44 @@ def one_site_file(tmp_path):
         path.write_text("\n".join(lines) + "\n")
         return str(path)
     return write
+
+
+@contextmanager
+def moto_server(*buckets: str):
+    """A real moto_server process (an S3 endpoint of its own) with the given buckets."""
+    import boto3
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120          # a busy machine starts it slowly
+    try:
+        while True:
+            try:
+                requests.get(endpoint, timeout=10)
+                break
+            except requests.RequestException:  # refused while starting, or slow to answer
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_credentials(monkeypatch_session):
+    """moto accepts any keys; s3fs, boto3 and lsst.resources read them from the environment."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch_session.setenv(key, value)

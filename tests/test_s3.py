@@ -1,13 +1,8 @@
 """A site whose storage and Butler datastore are S3, on a real moto_server process."""
 
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import requests
+from conftest import moto_server
 from lsst.daf.butler import Butler
 
 from drp_flows.sites.config import load_sites
@@ -16,37 +11,10 @@ from drp_flows.tasks.camera import INSTRUMENT
 BUCKET = "rubin-cloud"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def moto_endpoint(monkeypatch_session):
-    port = _free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120          # a busy machine starts it slowly
-    while True:
-        try:
-            requests.get(endpoint, timeout=10)
-            break
-        except requests.RequestException:      # refused while starting, or slow to answer
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch_session.setenv(key, value)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
+def moto_endpoint(s3_credentials):
+    with moto_server(BUCKET) as endpoint:
+        yield endpoint
 
 
 def test_s3_site_setup_and_campaign(prefect_api, survey, moto_endpoint, one_site_file, tmp_path):

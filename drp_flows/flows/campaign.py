@@ -137,10 +137,11 @@ def at_every_site(site_file: str, campaign: str, stage: str, addresses: dict, lo
 
 
 def ledger_markdown(ledgers: list[dict]) -> str:
-    lines = ["| movement | from | to | datasets | files copied | MB | seconds | MB/s | retries |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| movement | from | to | datasets | files copied | bundles | MB | seconds | MB/s | retries |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {g['label']} | {g['source']} | {g['destination']} | {g['datasets']} | {g['files']} | "
-              f"{g['bytes'] / 1e6:.2f} | {g['seconds']:.2f} | {g['mb_per_s']:.1f} | {g['retries']} |"
+              f"{g['bundles']} | {g['bytes'] / 1e6:.2f} | {g['seconds']:.2f} | {g['mb_per_s']:.1f} | "
+              f"{g['retries']} |"
               for g in ledgers]
     return "\n".join(lines)
 

@@ -1,17 +1,23 @@
 """Closed-loop transfers of Butler datasets between sites (the six data movements).
 
-plan (which datasets, how many bytes, what the destination already has) -> copy each file
-through fsspec with its sha256 checked on the far side, retried when it does not match ->
+plan (which datasets, how many bytes, what the destination already has) -> copy through fsspec
+over parallel streams, large files alone and small ones in zip bundles (one round trip per
+bundle; checked and unpacked in the destination's staging area), every file's sha256 checked
+on the far side and the file or bundle sent again when it does not match ->
 ingest at the destination in place (dimension records first, same dataset IDs and RUNs, what
-exists is skipped) -> verify that every planned dataset is now found there with the bytes it
-had at the source -> a ledger (files, bytes, seconds, MB/s). Nothing is reported done before
-the verification passes.
+exists is skipped) -> verify that every planned dataset is now registered there -> a ledger
+(files, bundles, bytes, seconds, MB/s). Nothing is ingested before its checksum matched, and
+nothing is reported done before the verification passes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import time
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lsst.daf.butler import Butler, DatasetRef, FileDataset
@@ -21,6 +27,9 @@ from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
 
 COPY_ATTEMPTS = 3
+BUNDLE_BYTES = 32 * 2**20        # target zip bundle size
+SMALL_FILE_BYTES = 4 * 2**20     # files below this travel in bundles
+STREAMS = 4                      # files and bundles copied at once
 
 
 class TransferError(RuntimeError):
@@ -29,7 +38,7 @@ class TransferError(RuntimeError):
 
 @dataclass(frozen=True)
 class TransferItem:
-    ref: DatasetRef
+    ref: DatasetRef | None       # None for plain files (the copy needs only the two URIs)
     source_uri: str
     destination_uri: str
 
@@ -41,6 +50,7 @@ class Ledger:
     destination: str
     datasets: int = 0          # planned and verified at the destination
     files: int = 0             # copied now (the rest were already there)
+    bundles: int = 0           # zip bundles the small files travelled in
     bytes: int = 0
     seconds: float = 0.0
     retries: int = 0
@@ -71,21 +81,129 @@ def plan_transfer(source: Butler, source_store: Storage, destination: Butler,
     return items
 
 
-def copy_file(source_store: Storage, destination_store: Storage, item: TransferItem) -> tuple[int, str, int]:
-    """Copy one file, re-reading it at the destination until its sha256 matches the source's.
-    Returns (bytes, sha256, retries)."""
-    with source_store.open(item.source_uri, "rb") as f:
-        data = f.read()
-    digest = hashlib.sha256(data).hexdigest()
+def file_sizes(store: Storage, uris: list[str]) -> dict[str, int]:
+    """Sizes of files, from one listing per directory rather than one request per file."""
+    folders: dict[str, list[str]] = {}
+    for uri in uris:
+        folders.setdefault(uri.rsplit("/", 1)[0], []).append(uri)
+    sizes = {}
+    for folder, members in folders.items():
+        listed = {store.fs._strip_protocol(e["name"]): e["size"]
+                  for e in store.fs.ls(store.path(folder), detail=True, refresh=True)}
+        for uri in members:
+            if store.path(uri) not in listed:
+                raise TransferError(f"{uri} is registered but missing from storage")
+            sizes[uri] = int(listed[store.path(uri)])
+    return sizes
+
+
+def plan_units(items: list[TransferItem], sizes: dict[str, int], bundle_bytes: int = BUNDLE_BYTES,
+               small_bytes: int = SMALL_FILE_BYTES) -> list[list[TransferItem]]:
+    """What is copied together: a file of small_bytes or more alone, smaller ones packed in
+    order into zip bundles of about bundle_bytes (one round trip each instead of one per file)."""
+    units, bundle, size = [], [], 0
+    for item in items:
+        n = sizes[item.source_uri]
+        if n >= small_bytes:
+            units.append([item])
+            continue
+        bundle.append(item)
+        size += n
+        if size >= bundle_bytes:
+            units.append(bundle)
+            bundle, size = [], 0
+    return units + ([bundle] if bundle else [])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _write_unit(destination_store: Storage, unit: list[TransferItem], data: dict[str, bytes],
+                staging: str) -> bool:
+    """One file straight to its place; a bundle as one zip to the destination's staging area,
+    checked there and unpacked, then removed. False if the bundle arrived damaged."""
+    if len(unit) == 1:
+        with destination_store.open(unit[0].destination_uri, "wb") as f:
+            f.write(data[unit[0].source_uri])
+        return True
+    names = {item.source_uri: f"{k:05d}" for k, item in enumerate(unit)}
+    bundle = _zip({names[u]: d for u, d in data.items()})
+    try:
+        with destination_store.open(staging, "wb") as f:
+            f.write(bundle)
+        with destination_store.open(staging, "rb") as f:
+            arrived = f.read()
+        if _sha256(arrived) != _sha256(bundle):
+            return False
+        with zipfile.ZipFile(io.BytesIO(arrived)) as z:
+            for item in unit:
+                with destination_store.open(item.destination_uri, "wb") as out:
+                    out.write(z.read(names[item.source_uri]))
+        return True
+    finally:
+        destination_store.rm(staging)
+
+
+def copy_unit(source_store: Storage, destination_store: Storage, unit: list[TransferItem],
+              staging: str) -> tuple[int, dict[str, str], int]:
+    """Copy one file or bundle, re-reading every file at the destination until its sha256
+    matches the source's (COPY_ATTEMPTS at most). Returns (bytes, sha256 by destination URI,
+    retries)."""
+    data = {}
+    for item in unit:
+        with source_store.open(item.source_uri, "rb") as f:
+            data[item.source_uri] = f.read()
+    digests = {item.destination_uri: _sha256(data[item.source_uri]) for item in unit}
     for attempt in range(COPY_ATTEMPTS):
-        with destination_store.open(item.destination_uri, "wb") as f:
-            f.write(data)
-        with destination_store.open(item.destination_uri, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() == digest:
-                return len(data), digest, attempt
-    raise TransferError(f"{item.ref.datasetType.name} {dict(item.ref.dataId.required)}: "
-                        f"checksum of {item.destination_uri} differs from {item.source_uri} "
-                        f"after {COPY_ATTEMPTS} attempts")
+        if not _write_unit(destination_store, unit, data, staging):
+            continue                     # a bundle damaged in flight: send it again
+        bad = []
+        for uri, digest in digests.items():
+            with destination_store.open(uri, "rb") as f:
+                if _sha256(f.read()) != digest:
+                    bad.append(uri)
+        if not bad:
+            return sum(map(len, data.values())), digests, attempt
+    raise TransferError(f"{unit[0].destination_uri}" + (f" and {len(unit) - 1} more" if len(unit) > 1 else "")
+                        + f": checksums differ from the source's at {source_store.root} after "
+                        f"{COPY_ATTEMPTS} attempts")
+
+
+@dataclass
+class Copied:
+    bytes: int = 0
+    bundles: int = 0
+    retries: int = 0
+    checksums: dict = field(default_factory=dict, repr=False)
+
+
+def copy_items(source_store: Storage, destination_store: Storage, items: list[TransferItem],
+               bundle_bytes: int = BUNDLE_BYTES, small_bytes: int = SMALL_FILE_BYTES,
+               streams: int = STREAMS) -> Copied:
+    """Copy files and bundles over `streams` parallel streams, each checked at the far side."""
+    units = plan_units(items, file_sizes(source_store, [i.source_uri for i in items]), bundle_bytes,
+                       small_bytes)
+    staging = destination_store.join("transfers", uuid.uuid4().hex)
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        results = list(pool.map(lambda k: copy_unit(source_store, destination_store, units[k],
+                                                    f"{staging}/bundle-{k:05d}.zip"),
+                                range(len(units))))
+    destination_store.rm(staging)
+    out = Copied(bundles=sum(len(u) > 1 for u in units))
+    for size, digests, retries in results:
+        out.bytes += size
+        out.retries += retries
+        out.checksums.update(digests)
+    return out
 
 
 def ingest_items(source: Butler, destination: Butler, destination_store: Storage,
@@ -101,32 +219,25 @@ def ingest_items(source: Butler, destination: Butler, destination_store: Storage
     destination.ingest(*datasets, transfer=None, skip_existing=True)
 
 
-def verify(destination: Butler, destination_store: Storage, items: list[TransferItem],
-           checksums: dict[str, str]) -> None:
-    """Every planned dataset is registered at the destination, with the source's bytes."""
+def verify(destination: Butler, items: list[TransferItem]) -> None:
+    """Every planned dataset is registered at the destination (its bytes were checked before
+    ingest)."""
     missing = [i for i in items if destination.get_dataset(i.ref.id) is None]
     if missing:
         raise TransferError(f"{len(missing)} datasets not registered after ingest, e.g. "
                             f"{missing[0].ref.datasetType.name} {dict(missing[0].ref.dataId.required)}")
-    for item in items:
-        with destination_store.open(item.destination_uri, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != checksums[item.destination_uri]:
-                raise TransferError(f"{item.destination_uri} changed after ingest")
 
 
 def transfer(ledger: Ledger, source: Butler, source_store: Storage, destination: Butler,
              destination_store: Storage, items: list[TransferItem]) -> Ledger:
-    """Copy, ingest and verify planned items, filling in the ledger."""
-    ledger.datasets = len(items)
+    """Copy and check, ingest and verify planned items, filling in the ledger."""
+    ledger.datasets = ledger.files = len(items)
     start = time.perf_counter()
-    for item in items:
-        size, digest, retries = copy_file(source_store, destination_store, item)
-        ledger.files += 1
-        ledger.bytes += size
-        ledger.retries += retries
-        ledger.checksums[item.destination_uri] = digest
+    copied = copy_items(source_store, destination_store, items)
+    ledger.bytes, ledger.bundles, ledger.retries = copied.bytes, copied.bundles, copied.retries
+    ledger.checksums = copied.checksums
     if items:
         ingest_items(source, destination, destination_store, items)
-        verify(destination, destination_store, items, ledger.checksums)
+        verify(destination, items)
     ledger.seconds = time.perf_counter() - start
     return ledger
