@@ -57,15 +57,43 @@ def setup(survey: Path, sites: Path = LOCAL_SITES, data: Path | None = None):
 
 @app.command()
 def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
-             data: Path | None = None, group_size: int = 100, batch_size: int = 500):
-    """Run a campaign over the sites (QA against truth when --survey is given)."""
+             data: Path | None = None, group_size: int = 100, batch_size: int = 500,
+             rescue: bool = False):
+    """Run a campaign over the sites (QA against truth when --survey is given); a re-run
+    resumes it, skipping every finished quantum."""
     from drp_flows.flows.campaign import campaign_flow
 
     _data_dir(data)
     start = time.perf_counter()
     result = campaign_flow(str(sites), name, group_size=group_size, batch_size=batch_size,
-                           survey=str(survey.resolve()) if survey else None)
+                           survey=str(survey.resolve()) if survey else None, rescue=rescue)
     print_summary(result, time.perf_counter() - start)
+
+
+@app.command("rescue")
+def rescue_command(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
+                   data: Path | None = None, group_size: int = 100, batch_size: int = 500):
+    """Re-run only the failed or missing quanta of a campaign, as a new attempt of its groups
+    (new RUN collections chained in front of the old)."""
+    campaign(name, sites, survey, data, group_size, batch_size, rescue=True)
+
+
+@app.command()
+def status(name: str, sites: Path = LOCAL_SITES, data: Path | None = None):
+    """Where a campaign stands, from what its stage flows record at every site as they run."""
+    from drp_flows.flows.stages import read_progress
+    from drp_flows.sites.config import load_sites
+
+    _data_dir(data)
+    rows = [r for site in load_sites(sites).sites.values() for r in read_progress(site, name)]
+    if not rows:
+        console.print(f"no progress recorded for campaign {name!r} at the sites of {sites}")
+        raise typer.Exit(1)
+    console.print(progress_table(rows, f"campaign {name}"))
+    for state in ("failed", "blocked", "running"):
+        groups = sorted({(r["site"], r["step"], r["group"]) for r in rows if r["state"] == state})
+        if groups:
+            console.print(f"{state}: " + ", ".join(f"{s} {st} {g}" for s, st, g in groups))
 
 
 @app.command()
@@ -81,19 +109,25 @@ def demo(data: Path | None = None, ccd_size: int = 512, nights: int = 3,
                   f"visit_summary --collections ComCamSim/runs/{name}")
 
 
+def progress_table(rows: list[dict], title: str) -> RichTable:
+    """PanDA's dashboard as a table: per site, step and group attempt, quanta and state."""
+    table = RichTable(title=title)
+    for col in ("site", "step", "group", "attempt", "state", "total", "done", "skipped", "failed",
+                "blocked", "%", "seconds"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["site"], r["step"], r["group"], str(r["attempt"]), r["state"],
+                      str(r["total"]), str(r["done"]), str(r["skipped"]), str(r["failed"]),
+                      str(r["blocked"]), f"{r['percent']:.0f}", f"{r['seconds']:.1f}")
+    return table
+
+
 def print_summary(result: dict, wall: float) -> None:
     per_site = defaultdict(lambda: defaultdict(int))
-    table = RichTable(title=f"campaign {result['campaign']} ({wall:.0f} s)")
-    for col in ("site", "step", "group", "total", "done", "skipped", "failed", "blocked", "%",
-                "seconds"):
-        table.add_column(col)
     for r in result["progress"]:
-        table.add_row(r["site"], r["step"], r["group"], str(r["total"]), str(r["done"]),
-                      str(r["skipped"]), str(r["failed"]), str(r["blocked"]),
-                      f"{r['percent']:.0f}", f"{r['seconds']:.1f}")
         for k in ("total", "done", "failed", "seconds"):
             per_site[r["site"]][k] += r[k]
-    console.print(table)
+    console.print(progress_table(result["progress"], f"campaign {result['campaign']} ({wall:.0f} s)"))
     for site, s in per_site.items():
         console.print(f"{site}: {s['total']} quanta, {s['done']} done, {s['failed']} failed, "
                       f"{s['seconds']:.0f} s")

@@ -31,7 +31,7 @@ def corrupt(local_sites):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 3])
     return {"visit": int(ref.dataId["exposure"]), "detector": int(ref.dataId["detector"]),
-            "path": path}
+            "path": path, "original": data}
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +382,41 @@ def test_survey_maps_plots_and_metrics_at_the_campaign_site(result, local_sites)
         metrics = home.get("property_map_metrics", skymap="mini_skymap", band=band)
         assert list(metrics["property"]) == ["n_exposure", "exposure_time", "psf_size", "psf_maglim"]
         assert (metrics["area_deg2"] > 0).all()
+
+
+def test_status_shows_every_group(result, local_sites):
+    from typer.testing import CliRunner
+
+    from drp_flows.cli import app
+
+    out = CliRunner().invoke(app, ["status", CAMPAIGN, "--sites", local_sites])
+    assert out.exit_code == 0, out.output
+    for text in ("calibrateImage", "fgcmFitCycle", "drpDiaCalculation", "usdf", "frdf", "ukdf"):
+        assert text in out.output
+    assert "failed: frdf calibrateImage" in out.output          # the quarantined CCD
+    none = CliRunner().invoke(app, ["status", "no-such-campaign", "--sites", local_sites])
+    assert none.exit_code == 1 and "no progress recorded" in none.output
+
+
+def test_rescue_reruns_only_what_failed(result, corrupt, local_sites):
+    """Mend the corrupt raw and rescue: a new attempt runs that CCD alone, in its own RUN
+    collection chained in front of the first attempt's; nothing finished is redone. (The visit
+    was consolidated from its other 8 CCDs, so the rescued CCD's difference image stays blocked:
+    the group's consolidation would need a rescue of its own.)"""
+    from drp_flows.datamodel import group_run
+    from drp_flows.flows.campaign import campaign_flow
+
+    open(corrupt["path"], "wb").write(corrupt["original"])
+    rescued = campaign_flow(local_sites, CAMPAIGN, rescue=True)
+    assert not rescued["quarantined"]
+    worked = [r for r in rescued["progress"] if r["done"]]
+    assert [(r["site"], r["step"], r["done"], r["attempt"], r["state"]) for r in worked] == [
+        ("frdf", "calibrateImage", 1, 2, "rescued")], worked
+    assert all(t["datasets"] == 0 for t in rescued["transfers"])
+    butler = Butler.from_config(load_sites(local_sites)["frdf"].repo_dir)
+    chain = list(butler.registry.getCollectionChain(f"ComCamSim/runs/{CAMPAIGN}"))
+    run = group_run(CAMPAIGN, "step1", worked[0]["group"], 2)
+    assert chain.index(run) < chain.index(group_run(CAMPAIGN, "step1", worked[0]["group"], 1))
+    refs = butler.registry.queryDatasets("preliminary_visit_image", collections=run)
+    assert [(r.dataId["visit"], r.dataId["detector"]) for r in refs] == [
+        (corrupt["visit"], corrupt["detector"])]

@@ -49,6 +49,10 @@ GOOD_SITE = "cluster: {kind: local}\n    storage: file:///tmp/x"
     (f"campaign_site: b\nsites:\n  a:\n    {GOOD_SITE}\n", "campaign_site 'b' is not one of"),
     ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n", "sites.a.storage: Field required"),
     ("campaign_site: a\nsites: [\n", "not valid YAML"),
+    (f"campaign_site: a\nembargo: {{hours: 80}}\nsites:\n  a:\n    {GOOD_SITE}\n",
+     "an embargo period needs the campaign site to be an embargo site"),
+    (f"campaign_site: a\nembargo: {{hours: -1}}\nsites:\n  a:\n    {GOOD_SITE}\n    embargo: true\n",
+     "embargo.hours: Input should be greater than 0"),
     ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: ${NOPE_NOT_SET}\n",
      "variable ${NOPE_NOT_SET} is not set"),
 ])

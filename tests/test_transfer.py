@@ -3,13 +3,28 @@ parallel streams, every file's sha256 checked at the far side, damage in flight 
 the file or bundle sent again; local -> local and S3 -> S3 across two moto_server endpoints."""
 
 import hashlib
+from datetime import timedelta
 
 import numpy as np
 import pytest
+from astropy.time import Time
 from conftest import moto_server
 
+from drp_flows.datamodel import RAW_RUN
+from drp_flows.sites.butler import open_butler
+from drp_flows.sites.config import EmbargoConfig, load_sites
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.transfer import TransferError, TransferItem, copy_items, plan_units
+from drp_flows.tasks.ingest import site_exposures
+from drp_flows.tasks.simulate import load_survey
+from drp_flows.tasks.transfer import (
+    EmbargoError,
+    TransferError,
+    TransferItem,
+    check_embargo,
+    copy_items,
+    plan_transfer,
+    plan_units,
+)
 
 
 def _files(store: Storage, n_small: int, n_large: int, seed: int = 0) -> list[TransferItem]:
@@ -104,3 +119,36 @@ def test_s3_to_s3_across_two_endpoints(s3_credentials):
         # the bytes went to the other endpoint: the source's knows no such bucket
         assert not Storage("s3://frdf-drp/drp", options={"endpoint_url": usdf}).exists(
             items[0].destination_uri)
+
+
+def test_embargoed_datasets_are_refused_outside_embargo_sites(local_sites):
+    """The last night is under embargo: its raws may go to an embargo site, never to frdf."""
+    sites = load_sites(local_sites)
+    usdf, frdf = open_butler(sites["usdf"]), open_butler(sites["frdf"])
+    begins = {int(r.id): r.timespan.begin for r in usdf.registry.queryDimensionRecords("exposure")}
+    last = max(begins.values()).to_datetime()
+    embargoed = EmbargoConfig(hours=12, now=last + timedelta(hours=1)).embargoed_exposures(usdf)
+    assert embargoed and len(embargoed) < len(begins)
+    assert all(begins[e] > min(begins.values()) for e in embargoed)
+    items = plan_transfer(usdf, sites["usdf"].store, frdf, sites["frdf"].store, ["raw"], [RAW_RUN])
+    with pytest.raises(EmbargoError, match=r"embargoed datasets may not go from usdf to frdf, which "
+                                           r"is not an embargo site: raw \{"):
+        check_embargo(items, embargoed, "usdf", "frdf", sites["frdf"].embargo)
+    check_embargo(items, embargoed, "usdf", "usdf_backup", True)
+    released = [i for i in items if int(i.ref.dataId["exposure"]) not in embargoed]
+    assert released
+    check_embargo(released, embargoed, "usdf", "frdf", False)
+
+
+def test_embargoed_raws_go_only_to_the_site_that_holds_them(survey):
+    cfg, visits = load_survey(survey)
+    now = Time(visits["mjd"].max(), format="mjd", scale="tai").utc.to_datetime() + timedelta(hours=1)
+    policy = EmbargoConfig(hours=12, now=now)
+    raws = survey / "raw"
+    everything = site_exposures(raws, cfg.skymap, lambda tract, dec: True)
+    held = site_exposures(raws, cfg.skymap, lambda tract, dec: False, policy, holds_embargoed=True)
+    elsewhere = site_exposures(raws, cfg.skymap, lambda tract, dec: True, policy)
+    assert held and elsewhere and not set(held) & set(elsewhere)
+    assert set(held) | set(elsewhere) == set(everything)
+    last_night = visits["night"] == visits["night"].max()
+    assert set(held) == {int(v) for v in visits["visit"][last_night]}

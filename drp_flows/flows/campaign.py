@@ -43,7 +43,7 @@ from drp_flows.tasks.skymap import MiniSkymap
 from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
 from drp_flows.tasks.step5 import DIA_CATALOGS
-from drp_flows.tasks.transfer import Ledger, plan_transfer, transfer
+from drp_flows.tasks.transfer import Ledger, check_embargo, plan_transfer, transfer
 
 
 def site_visits(site_file: str, site: str) -> list[int]:
@@ -69,9 +69,19 @@ def site_tracts(site_file: str, site: str) -> list[int]:
     return [t for t in sky.tracts if site_cfg.owns_tract(t, sky.tract_center(t)[1])]
 
 
+def latest_attempt(site_file: str, campaign: str) -> int:
+    """The highest group attempt any site has run for the campaign (0 before the first)."""
+    prefix = campaign_collection(campaign) + "/"
+    attempts = [int(c.rsplit("/", 1)[1]) for site in load_sites(site_file).sites.values()
+                for c in open_butler(site).registry.queryCollections()
+                if c.startswith(prefix) and c.rsplit("/", 1)[1].isdigit()]
+    return max(attempts, default=0)
+
+
 @task(name="stage at site", cache_policy=NO_CACHE)
 def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address: str,
-                  long_address: str | None, group_size: int, batch_size: int) -> list[dict]:
+                  long_address: str | None, group_size: int, batch_size: int,
+                  attempt: int = 1) -> list[dict]:
     """All groups of one stage at one site, scope by scope: one stage flow run per group of
     visits, one for the site's tracts, one for campaign-wide work."""
     progress = []
@@ -85,7 +95,7 @@ def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address:
             groups = {"global": []}
         for name, ids in groups.items():
             progress += stage_flow(site_file, site, campaign, stage, scope, name, ids, address,
-                                   long_address, batch_size=batch_size)
+                                   long_address, attempt=attempt, batch_size=batch_size)
     return progress
 
 
@@ -101,6 +111,9 @@ def transfer_task(site_file: str, campaign: str, movement: str, source: str, des
     items = [] if visits == [] else plan_transfer(
         src_butler, src.store, dst_butler, dst.store, dataset_types,
         existing_collections(src_butler, [campaign_collection(campaign)]), where)
+    if sites.embargo:
+        check_embargo(items, sites.embargo.embargoed_exposures(src_butler), source, destination,
+                      dst.embargo)
     ledger = transfer(Ledger(movement, source, destination), src_butler, src.store, dst_butler,
                       dst.store, items)
     for run in sorted({i.ref.run for i in items}):
@@ -128,11 +141,11 @@ def fan_out(site_file: str, campaign: str, movement: str, dataset_types: list[st
 
 
 def at_every_site(site_file: str, campaign: str, stage: str, addresses: dict, long_addresses: dict,
-                  group_size: int, batch_size: int, only: str | None = None) -> list[dict]:
+                  group_size: int, batch_size: int, attempt: int, only: str | None = None) -> list[dict]:
     """One stage at every site (or only one), the sites concurrently."""
     futures = [stage_at_site.with_options(name=f"{stage} at {name}").submit(
         site_file, name, campaign, stage, addresses[name], long_addresses.get(name), group_size,
-        batch_size) for name in addresses if only in (None, name)]
+        batch_size, attempt) for name in addresses if only in (None, name)]
     return [row for f in futures for row in f.result()]
 
 
@@ -176,14 +189,20 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
 @flow(name="drp-campaign", flow_run_name="{campaign}")
 def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
                   group_size: int = 100, batch_size: int = 500,
-                  survey: str | None = None) -> dict:
+                  survey: str | None = None, rescue: bool = False) -> dict:
     """Run the campaign over the sites of the site file: stage 1 everywhere, fan-in, the global
     calibration at the campaign site, fan-out, stages 2-4 everywhere with their fan-ins; then QA
     against the truth of a simulated survey if one is given. Returns progress rows, transfer ledgers,
-    quarantined quanta and QA."""
+    quarantined quanta and QA.
+
+    A re-run resumes in the latest attempt, skipping every finished quantum; `rescue` starts a
+    new attempt of every group instead (its own RUN collections, chained in front), which runs
+    only the quanta that failed or are still missing."""
     logger = get_run_logger()
     sites = load_sites(site_file)
     home = sites.campaign_site
+    latest = latest_attempt(site_file, campaign)
+    attempt = latest + 1 if rescue else max(latest, 1)
     with ExitStack() as stack:
         addresses = {name: stack.enter_context(running_cluster(site.cluster))
                      for name, site in sites.sites.items()}
@@ -191,7 +210,8 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
                           for name, site in sites.sites.items() if site.long_cluster}
         logger.info("clusters: %s, long-quantum clusters: %s", addresses, long_addresses)
         run = partial(at_every_site, site_file, campaign, addresses=addresses,
-                      long_addresses=long_addresses, group_size=group_size, batch_size=batch_size)
+                      long_addresses=long_addresses, group_size=group_size, batch_size=batch_size,
+                      attempt=attempt)
         rows = run("stage1")
         ledgers = fan_in(site_file, campaign, "isolated stars and visit summaries in",
                          ["isolated_star", "isolated_star_source", "preliminary_visit_summary"])

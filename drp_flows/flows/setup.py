@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 
 from drp_flows.datamodel import CALIB_COLLECTION, CALIB_RUN, RAW_RUN, REFCAT, REFCAT_RUN, SKYMAP_RUN
 from drp_flows.sites.butler import create_repo, define_default_chain, formatter_for, wipe_repo
-from drp_flows.sites.config import SiteConfig, load_sites
+from drp_flows.sites.config import EmbargoConfig, SiteConfig, load_sites
 from drp_flows.tasks import calibs
 from drp_flows.tasks.camera import INSTRUMENT, PHYSICAL_FILTERS
 from drp_flows.tasks.catalogs import table_bytes
@@ -113,8 +113,10 @@ def _ingest_raws(butler: Butler, exposures: dict[int, list]) -> int:
 
 
 @task(name="set up site")
-def setup_site(site: SiteConfig, survey: str, masters: dict[tuple, str]) -> dict:
-    """Wipe and recreate one site's repository and load its inputs."""
+def setup_site(site: SiteConfig, survey: str, masters: dict[tuple, str],
+               embargo: EmbargoConfig | None = None, holds_embargoed: bool = False) -> dict:
+    """Wipe and recreate one site's repository and load its inputs (embargoed raws only at
+    the site that holds them)."""
     logger = get_run_logger()
     cfg, _ = load_survey(Path(survey))
     wipe_repo(site)
@@ -127,7 +129,8 @@ def setup_site(site: SiteConfig, survey: str, masters: dict[tuple, str]) -> dict
         _ingest_refcat(butler, Path(survey), Path(tmp))
     butler.registry.registerRun(SKYMAP_RUN)
     butler.put(cfg.skymap.to_dict(), "skyMap", skymap=cfg.skymap.name, run=SKYMAP_RUN)
-    exposures = site_exposures(Path(survey) / "raw", cfg.skymap, site.owns_tract)
+    exposures = site_exposures(Path(survey) / "raw", cfg.skymap, site.owns_tract, embargo,
+                               holds_embargoed)
     n_raw = _ingest_raws(butler, exposures)
     define_default_chain(butler)
     logger.info("site %s: %d visits, %d raws at %s", site.name, len(exposures), n_raw, site.repo_dir)
@@ -141,4 +144,5 @@ def setup_flow(site_file: str, survey: str, sites: list[str] | None = None) -> l
     names = sites or list(campaign_sites.sites)
     with tempfile.TemporaryDirectory() as tmp:
         masters = build_masters(survey, tmp)
-        return [setup_site(campaign_sites[n], survey, masters) for n in names]
+        return [setup_site(campaign_sites[n], survey, masters, campaign_sites.embargo,
+                           n == campaign_sites.campaign_site) for n in names]

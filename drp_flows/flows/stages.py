@@ -58,12 +58,20 @@ class StepProgress:
     skipped: int = 0
     seconds: float = 0.0
     pool: str = "short"          # the cluster it ran on: short, or long (long_cluster)
+    attempt: int = 1
+    state: str = "waiting"       # waiting, running, done, failed, blocked, rescued
     failures: list[dict] = field(default_factory=list)
 
     @property
     def percent(self) -> float:
         finished = self.done + self.skipped
         return 100.0 * finished / self.total if self.total else 100.0
+
+    def finish(self) -> None:
+        """The state once the step has run: failed or blocked quanta say so first; a later
+        attempt that finished what an earlier one left is a rescue."""
+        self.state = ("failed" if self.failed else "blocked" if self.blocked
+                      else "rescued" if self.attempt > 1 and self.done else "done")
 
 
 @task(name="run batch", cache_policy=NO_CACHE)
@@ -111,6 +119,27 @@ def chain_run(butler: Butler, campaign: str, run: str) -> None:
         butler.registry.setCollectionChain(chain, members)
 
 
+def write_progress(site: SiteConfig, campaign: str, stage: str, group: str,
+                   progress: list[StepProgress]) -> None:
+    """The group's rows as `drp status` reads them, rewritten as each step starts and ends."""
+    rows = [asdict(p) | {"percent": p.percent, "stage": stage} for p in progress]
+    for row in rows:
+        row.pop("failures")
+    with site.store.open(site.store.join("reports", campaign, "progress", f"{stage}-{group}.json"),
+                         "wb") as f:
+        f.write(json.dumps(rows, indent=1).encode())
+
+
+def read_progress(site: SiteConfig, campaign: str) -> list[dict]:
+    """Every group's rows written at a site for a campaign (latest write of each)."""
+    folder = site.store.path(site.store.join("reports", campaign, "progress"))
+    rows = []
+    for path in sorted(site.store.fs.glob(folder + "/*.json")):
+        with site.store.fs.open(path, "rb") as f:
+            rows += json.loads(f.read())
+    return rows
+
+
 def quarantine(site: SiteConfig, campaign: str, stage: str, group: str, progress: list[StepProgress]) -> str:
     """Record failed quanta (the quarantined CCDs) beside the site's repository."""
     failures = [f | {"step": p.step} for p in progress for f in p.failures]
@@ -126,11 +155,12 @@ def artifact_key(text: str) -> str:
 
 
 def progress_markdown(rows: list[StepProgress]) -> str:
-    lines = ["| site | step | group | total | done | skipped | failed | blocked | % | seconds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| site | step | group | attempt | state | total | done | skipped | failed | blocked | % "
+             "| seconds |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in rows:
-        lines.append(f"| {p.site} | {p.step} | {p.group} | {p.total} | {p.done} | {p.skipped} | "
-                     f"{p.failed} | {p.blocked} | {p.percent:.0f} | {p.seconds:.1f} |")
+        lines.append(f"| {p.site} | {p.step} | {p.group} | {p.attempt} | {p.state} | {p.total} | "
+                     f"{p.done} | {p.skipped} | {p.failed} | {p.blocked} | {p.percent:.0f} | "
+                     f"{p.seconds:.1f} |")
     return "\n".join(lines)
 
 
@@ -145,27 +175,30 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
     butler = open_butler(site_cfg, writeable=True)
     config = {"camera": step1.camera_config(butler), "skymap": step1.skymap_config(butler)}
     done_in = [campaign_collection(campaign)]
-    progress = []
-    for label in STAGES[stage][scope]:
-        spec = LABELS[label]
+    progress = [StepProgress(site, label, group, attempt=attempt) for label in STAGES[stage][scope]]
+    write_progress(site_cfg, campaign, stage, group, progress)
+    for p in progress:
+        spec = LABELS[p.step]
         run = group_run(campaign, spec.step, group, attempt)
         butler.registry.registerRun(run)
         chain_run(butler, campaign, run)
-        quanta, skipped, blocked = spec.plan(butler, site_cfg.store, run, ids, done_in)
+        quanta, p.skipped, blocked = spec.plan(butler, site_cfg.store, run, ids, done_in)
+        p.blocked, p.total = len(blocked), len(quanta) + p.skipped + len(blocked)
         long = spec.long and long_address is not None
-        p = StepProgress(site, label, group, total=len(quanta) + skipped + len(blocked),
-                         skipped=skipped, blocked=len(blocked), pool="long" if long else "short")
+        p.pool, p.state = ("long" if long else "short"), "running"
+        write_progress(site_cfg, campaign, stage, group, progress)
         start = time.perf_counter()
-        run_step(butler, site_cfg, long_address if long else address, label, quanta, run, config,
+        run_step(butler, site_cfg, long_address if long else address, p.step, quanta, run, config,
                  batch_size, p)
         p.seconds = time.perf_counter() - start
-        progress.append(p)
+        p.finish()
+        write_progress(site_cfg, campaign, stage, group, progress)
+        create_markdown_artifact(progress_markdown(progress),
+                                 key=artifact_key(f"progress-{site}-{stage}-{group}"),
+                                 description=f"{campaign}: {stage} at {site}, group {group}")
     report = quarantine(site_cfg, campaign, stage, group, progress)
     failed = sum(p.failed for p in progress)
     if failed:
         logger.warning("site %s group %s: %d quanta failed, quarantined in %s",
                        site, group, failed, report)
-    create_markdown_artifact(progress_markdown(progress),
-                             key=artifact_key(f"progress-{site}-{stage}-{group}"),
-                             description=f"{campaign}: {stage} at {site}, group {group}")
     return [asdict(p) | {"percent": p.percent} for p in progress]

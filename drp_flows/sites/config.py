@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from astropy.time import Time, TimeDelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drp_flows.sites.storage import Storage
@@ -95,12 +97,35 @@ class SiteConfig(BaseModel):
         return self.sky.dec_min <= tract_dec < self.sky.dec_max
 
 
+class EmbargoConfig(BaseModel):
+    """Exposures that began less than `hours` before `now` are embargoed: they, and what is
+    derived from them, stay at embargo sites. `now` defaults to the current time; a
+    simulated survey, whose nights are in the past, sets its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    hours: float = Field(80.0, gt=0, description="embargo period")
+    now: datetime | None = Field(None, description="the time the period counts back from (UTC)")
+
+    def covers(self, begin: Time) -> bool:
+        """Whether an exposure that began at `begin` is under embargo."""
+        now = self.now or datetime.now(UTC)
+        if now.tzinfo is not None:          # naive times are UTC already
+            now = now.astimezone(UTC).replace(tzinfo=None)
+        return bool(begin > Time(now, scale="utc") - TimeDelta(self.hours * 3600, format="sec"))
+
+    def embargoed_exposures(self, butler) -> set[int]:
+        """The exposures of a site's repository that are under embargo."""
+        return {int(r.id) for r in butler.registry.queryDimensionRecords("exposure")
+                if self.covers(r.timespan.begin)}
+
+
 class CampaignSites(BaseModel):
     """A site file: the sites and which one runs the global steps and keeps the archive."""
 
     model_config = ConfigDict(extra="forbid")
     campaign_site: str
     sites: dict[str, SiteConfig]
+    embargo: EmbargoConfig | None = None
     source: str = ""
 
     @model_validator(mode="after")
@@ -112,6 +137,10 @@ class CampaignSites(BaseModel):
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
                 raise ValueError(f"site name {name!r}: letters, digits and _ only")
             site.name = name
+        if self.embargo and not self.sites[self.campaign_site].embargo:
+            raise ValueError("an embargo period needs the campaign site to be an embargo site "
+                             "(embargo: true): it holds the embargoed raws and gathers every "
+                             "site's products")
         return self
 
     def __getitem__(self, name: str) -> SiteConfig:

@@ -115,15 +115,22 @@ def htm_shards(ra: np.ndarray, dec: np.ndarray, level: int = REFCAT_LEVEL) -> np
                      for r, d in zip(ra, dec, strict=True)], dtype=np.int64)
 
 
-def site_exposures(raw_dir, skymap: MiniSkymap, owns_tract) -> dict[int, list]:
+def site_exposures(raw_dir, skymap: MiniSkymap, owns_tract, embargo=None,
+                   holds_embargoed: bool = False) -> dict[int, list]:
     """Raw files of the exposures a site owns, by exposure: the tract under the boresight
-    decides (as Rubin splits a campaign's raws between sites by sky region)."""
+    decides (as Rubin splits a campaign's raws between sites by sky region), except for
+    exposures under `embargo` (an EmbargoConfig), which only the site that `holds_embargoed`
+    gets, wherever they point."""
     by_exposure: dict[int, list] = {}
     for path in sorted(Path(raw_dir).glob("raw_*.fits")):
         by_exposure.setdefault(int(path.stem.split("_")[1]), []).append(path)
     owned = {}
     for exposure, paths in by_exposure.items():
         h = fits.getheader(paths[0], 0)
+        if embargo is not None and embargo.covers(Time(h["MJD-OBS"], format="mjd", scale="tai")):
+            if holds_embargoed:
+                owned[exposure] = paths
+            continue
         tract = int(skymap.tract_of(h["RA"], h["DEC"])[0])
         if tract >= 0 and owns_tract(tract, skymap.tract_center(tract)[1]):
             owned[exposure] = paths

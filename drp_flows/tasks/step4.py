@@ -59,7 +59,8 @@ def template_visits(storage: Storage, uri: str) -> frozenset[int]:
 def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
                   collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """A quantum per calibrated CCD of the group's visits with a template not holding its
-    visit; blocked while its final visit summary or every overlapping template is missing."""
+    visit; blocked while its final visit summary (with a row for it: a CCD rescued after its
+    visit was consolidated has none) or every overlapping template is missing."""
     done = done_quanta(butler, collections, OUTPUTS)
     existing = existing_collections(butler, collections)
     if not existing or not visits:
@@ -70,6 +71,7 @@ def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
                                                      where=where, instrument=INSTRUMENT,
                                                      findFirst=True)}
     summaries = visit_uris(butler, storage, "visit_summary", existing)
+    in_summary = {v: set(summary_rows(storage, u)[1]) for v, u in summaries.items() if v in visits}
     templates = {(int(r.dataId["tract"]), int(r.dataId["patch"]), r.dataId["band"]):
                  dataset_uri(butler, storage, r)
                  for r in butler.registry.queryDatasets("template_coadd", collections=existing,
@@ -87,7 +89,7 @@ def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
         found = [templates[c] for c in sorted(cells.get((visit, detector), ())) if c in templates]
         if data_key(data_id) in done:
             skipped += 1
-        elif visit not in summaries or not found:
+        elif detector not in in_summary.get(visit, ()) or not found:
             blocked.append(data_id)
         else:
             usable = [t for t in found if visit not in template_visits(storage, t)]

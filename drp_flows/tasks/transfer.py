@@ -81,6 +81,28 @@ def plan_transfer(source: Butler, source_store: Storage, destination: Butler,
     return items
 
 
+class EmbargoError(TransferError):
+    """A transfer that would copy embargoed data to a site outside the embargo."""
+
+
+def check_embargo(items: list[TransferItem], embargoed: set[int], source: str, destination: str,
+                  destination_embargo: bool) -> None:
+    """Refuse to plan embargoed datasets (those of an embargoed exposure or visit) for a
+    destination that is not an embargo site, naming them and the sites."""
+    if destination_embargo or not embargoed:
+        return
+    bad = [i for i in items if i.ref is not None and _exposure_of(i.ref) in embargoed]
+    if bad:
+        named = ", ".join(f"{i.ref.datasetType.name} {dict(i.ref.dataId.required)}" for i in bad[:3])
+        raise EmbargoError(f"{len(bad)} embargoed datasets may not go from {source} to {destination}, "
+                           f"which is not an embargo site: {named}" + (" ..." if len(bad) > 3 else ""))
+
+
+def _exposure_of(ref: DatasetRef) -> int | None:
+    ids = ref.dataId.required
+    return int(ids["visit"]) if "visit" in ids else int(ids["exposure"]) if "exposure" in ids else None
+
+
 def file_sizes(store: Storage, uris: list[str]) -> dict[str, int]:
     """Sizes of files, from one listing per directory rather than one request per file."""
     folders: dict[str, list[str]] = {}
