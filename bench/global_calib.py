@@ -2,8 +2,8 @@
 stars, ~440,000 observations), Schur complement vs one sparse least-squares solve (lsqr).
 
 `solve_band` is the whole fit: 5 clipping passes, the variable cut, 2 solves and one with the
-visit + detector model's prior, each a Schur solve. The lsqr figure is a single solve of the same system. Zeropoint accuracy is
-printed against the simulated truth.
+visit + detector model's prior, each a Schur solve. The lsqr figure is a single solve of the
+same system. Zeropoint accuracy is printed against the simulated truth.
 Run: make bench (or python bench/global_calib.py).
 """
 
