@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import moto_server  # noqa: E402
 
 from drp_flows.sites.storage import Storage  # noqa: E402
-from drp_flows.tasks.transfer import TransferItem, copy_items  # noqa: E402
+from drp_flows.tasks.transfer import Ledger, TransferItem, copy_items  # noqa: E402
 
 N_FILES = 1500
 
@@ -41,7 +41,7 @@ def make_files(store: Storage, rng: np.random.Generator) -> list[str]:
 def run(source: Storage, destination: Storage, rels: list[str], label: str, **kw) -> tuple[float, int]:
     items = [TransferItem(None, source.join(r), destination.join(label, r)) for r in rels]
     start = time.perf_counter()
-    copied = copy_items(source, destination, items, **kw)
+    copied = copy_items(Ledger(label, "source", "destination"), source, destination, items, **kw)
     return time.perf_counter() - start, copied.bytes
 
 

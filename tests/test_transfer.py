@@ -18,6 +18,7 @@ from drp_flows.tasks.ingest import site_exposures
 from drp_flows.tasks.simulate import load_survey
 from drp_flows.tasks.transfer import (
     EmbargoError,
+    Ledger,
     TransferError,
     TransferItem,
     check_embargo,
@@ -80,7 +81,8 @@ def test_plan_units_bundles_the_small_files():
 def test_local_copy_in_bundles_over_streams(tmp_path):
     source, destination = Storage(f"file://{tmp_path}/a"), Storage(f"file://{tmp_path}/b")
     items = _to(destination, _files(source, 300, 3))
-    copied = copy_items(source, destination, items, bundle_bytes=100_000, small_bytes=20_000, streams=4)
+    copied = copy_items(Ledger("test", "a", "b"), source, destination, items,
+                        bundle_bytes=100_000, small_bytes=20_000, streams=4)
     assert copied.bundles >= 5 and copied.retries == 0
     assert copied.bytes == sum(source.fs.size(source.path(i.source_uri)) for i in items)
     assert _same_bytes(source, destination, items)
@@ -92,7 +94,8 @@ def test_damage_in_flight_is_detected_and_resent(tmp_path):
     source = Storage(f"file://{tmp_path}/a")
     destination = Damaging(f"file://{tmp_path}/b", options={})
     items = _to(destination, _files(source, 40, 2))
-    copied = copy_items(source, destination, items, bundle_bytes=30_000, small_bytes=20_000)
+    copied = copy_items(Ledger("test", "a", "b"), source, destination, items,
+                        bundle_bytes=30_000, small_bytes=20_000)
     # every first write is damaged: each large file is sent twice; each bundle three times
     # (its zip arrived damaged, then the files unpacked from it did)
     assert copied.retries == 2 + 2 * copied.bundles and copied.bundles >= 2
@@ -105,7 +108,7 @@ def test_damage_that_persists_is_a_clear_error(tmp_path):
     destination.damage = 99
     items = _to(destination, _files(source, 0, 1))
     with pytest.raises(TransferError, match="file_0000.fits.*checksums differ.*after 3 attempts"):
-        copy_items(source, destination, items)
+        copy_items(Ledger("test", "a", "b"), source, destination, items)
 
 
 def test_s3_to_s3_across_two_endpoints(s3_credentials):
@@ -113,7 +116,8 @@ def test_s3_to_s3_across_two_endpoints(s3_credentials):
         source = Storage("s3://usdf-drp/drp", options={"endpoint_url": usdf}, profile="usdf")
         destination = Storage("s3://frdf-drp/drp", options={"endpoint_url": frdf}, profile="frdf")
         items = _to(destination, _files(source, 120, 2))
-        copied = copy_items(source, destination, items, bundle_bytes=60_000, small_bytes=20_000)
+        copied = copy_items(Ledger("test", "a", "b"), source, destination, items,
+                            bundle_bytes=60_000, small_bytes=20_000)
         assert copied.bundles >= 3
         assert _same_bytes(source, destination, items)
         # the bytes went to the other endpoint: the source's knows no such bucket

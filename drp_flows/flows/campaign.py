@@ -118,7 +118,7 @@ def transfer_task(site_file: str, campaign: str, movement: str, source: str, des
                       dst.store, items)
     for run in sorted({i.ref.run for i in items}):
         chain_run(dst_butler, campaign, run)
-    return {k: v for k, v in asdict(ledger).items() if k != "checksums"} | {"mb_per_s": ledger.mb_per_s}
+    return asdict(ledger) | {"mb_per_s": ledger.mb_per_s}
 
 
 def fan_in(site_file: str, campaign: str, movement: str, dataset_types: list[str]) -> list[dict]:

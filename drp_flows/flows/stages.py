@@ -67,6 +67,10 @@ class StepProgress:
         finished = self.done + self.skipped
         return 100.0 * finished / self.total if self.total else 100.0
 
+    def row(self) -> dict:
+        """What a stage flow returns and `drp status` reads, failures aside."""
+        return {k: v for k, v in asdict(self).items() if k != "failures"} | {"percent": self.percent}
+
     def finish(self) -> None:
         """The state once the step has run: failed or blocked quanta say so first; a later
         attempt that finished what an earlier one left is a rescue."""
@@ -122,9 +126,7 @@ def chain_run(butler: Butler, campaign: str, run: str) -> None:
 def write_progress(site: SiteConfig, campaign: str, stage: str, group: str,
                    progress: list[StepProgress]) -> None:
     """The group's rows as `drp status` reads them, rewritten as each step starts and ends."""
-    rows = [asdict(p) | {"percent": p.percent, "stage": stage} for p in progress]
-    for row in rows:
-        row.pop("failures")
+    rows = [p.row() | {"stage": stage} for p in progress]
     with site.store.open(site.store.join("reports", campaign, "progress", f"{stage}-{group}.json"),
                          "wb") as f:
         f.write(json.dumps(rows, indent=1).encode())
@@ -201,4 +203,4 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
     if failed:
         logger.warning("site %s group %s: %d quanta failed, quarantined in %s",
                        site, group, failed, report)
-    return [asdict(p) | {"percent": p.percent} for p in progress]
+    return [p.row() | {"failures": p.failures} for p in progress]

@@ -262,21 +262,19 @@ def repeatability(obs: Table, zeropoints: Table, min_snr: float = PA1_SNR,
     and the chi2/dof of the same repeats normalised by their calibrated-magnitude errors. A
     few variable stars would own a summed chi2, so stars beyond chi2/dof = 25 (a 5-sigma
     star) are counted, not summed."""
-    zp = {(int(v), int(d)): float(p) for v, d, p in
-          zip(zeropoints["visit"], zeropoints["detector"], zeropoints["zero_point"], strict=True)}
-    zp_err = {(int(v), int(d)): float(e) for v, d, e in
-              zip(zeropoints["visit"], zeropoints["detector"], zeropoints["zero_point_err"], strict=True)}
+    row_of = {(int(v), int(d)): k for k, (v, d) in
+              enumerate(zip(zeropoints["visit"], zeropoints["detector"], strict=True))}
+    zp = np.append(np.asarray(zeropoints["zero_point"], float), np.nan)    # [-1]: no zeropoint
+    zp_err = np.append(np.asarray(zeropoints["zero_point_err"], float), np.nan)
     out = {}
     for band in sorted(set(obs["band"])):
         o = obs[(obs["band"] == band) & (obs["snr"] >= min_snr)]
         if not len(o):
             continue
-        mag = np.array([zp.get((int(v), int(d)), np.nan)
-                        for v, d in zip(o["visit"], o["detector"], strict=True)])
-        mag -= 2.5 * np.log10(np.asarray(o["psf_flux"], float))
-        err = calibrated_mag_err(o["snr"], [zp_err.get((int(v), int(d)), np.nan)
-                                            for v, d in zip(o["visit"], o["detector"], strict=True)],
-                                 sys_floor)
+        k = np.array([row_of.get((int(v), int(d)), -1)
+                      for v, d in zip(o["visit"], o["detector"], strict=True)])
+        mag = zp[k] - 2.5 * np.log10(np.asarray(o["psf_flux"], float))
+        err = calibrated_mag_err(o["snr"], zp_err[k], sys_floor)
         _, s = np.unique(np.column_stack([o["tract"], o["isolated_star_id"]]), axis=0, return_inverse=True)
         s = s.ravel()
         n = np.bincount(s)

@@ -216,7 +216,10 @@ def am1(sources: Table, annulus_arcmin: float) -> dict:
     n = np.bincount(star)
     xyz = np.zeros((len(keys), 3))
     np.add.at(xyz, star, unit_vectors(np.asarray(s["ra"]), np.asarray(s["dec"])))
-    mags = np.array([np.median(np.asarray(s["mag"])[star == k]) for k in range(len(keys))])
+    # each star's median magnitude: sort by star, then magnitude, and take the middle of each run
+    order = np.lexsort((np.asarray(s["mag"]), star))
+    sorted_mag, first = np.asarray(s["mag"])[order], np.r_[0, np.cumsum(n)[:-1]]
+    mags = 0.5 * (sorted_mag[first + (n - 1) // 2] + sorted_mag[first + n // 2])
     good = np.flatnonzero((mags >= 17.0) & (mags <= 21.5) & (n >= 2))
     mean = xyz[good] / np.linalg.norm(xyz[good], axis=1, keepdims=True)
     lo, hi = chord(annulus_arcmin * 0.8 * 60), chord(annulus_arcmin * 1.2 * 60)

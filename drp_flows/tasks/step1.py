@@ -243,21 +243,20 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
     out.write("single_visit_star_unstandardized", table_bytes(stars))
 
 
-def apply_visit_psf(summary: Table) -> dict[int, float]:
+def apply_visit_psf(summary: Table) -> None:
     """Give every detector the visit's PSF size when the detectors agree on it: psf_fwhm
-    becomes the visit's (the detector's own fit is kept as psf_fwhm_detector), and the PSF
-    fluxes and zeropoint move with it. Returns the flux factor per detector."""
+    becomes the visit's (the detector's own fit is kept as psf_fwhm_detector), and the
+    zeropoint moves with the flux factor psf_flux_scale that the PSF fluxes take."""
     summary["psf_fwhm_detector"] = summary["psf_fwhm"]
     summary["psf_flux_scale"] = 1.0
     visit_fwhm = visit_psf_fwhm(np.asarray(summary["psf_fwhm"], float),
                                 np.asarray(summary["psf_fwhm_err"], float))
     if visit_fwhm is None:
-        return {}
+        return
     for row in summary:
         scale = psf_flux_scale(row["psf_fwhm"] / PIXEL_SCALE, visit_fwhm / PIXEL_SCALE)
         row["psf_fwhm"], row["psf_flux_scale"] = visit_fwhm, scale
         row["zero_point"] += 2.5 * np.log10(scale)
-    return {int(d): float(s) for d, s in zip(summary["detector"], summary["psf_flux_scale"], strict=True)}
 
 
 def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
@@ -272,13 +271,14 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
         rows.append(row)
     summary = Table(rows=rows)
     summary.sort("detector")
-    flux_scale = apply_visit_psf(summary)
+    apply_visit_psf(summary)
+    flux_scale = dict(zip(summary["detector"].tolist(), summary["psf_flux_scale"].tolist(), strict=True))
     out.write("preliminary_visit_summary", table_bytes(summary))
     tables = []
     for uri in quantum.inputs.get("single_visit_star_unstandardized", []):
         t = read_table(storage, uri)
         for column in ("psf_flux", "psf_flux_err"):
-            t[column] *= flux_scale.get(t.meta["detector"], 1.0)
+            t[column] *= flux_scale[t.meta["detector"]]
         t["visit"] = np.full(len(t), t.meta["visit"], dtype=np.int64)
         t["detector"] = np.full(len(t), t.meta["detector"], dtype=np.int32)
         t["band"] = t.meta["band"]

@@ -50,6 +50,13 @@ OUTPUTS = ("difference_image", "dia_source_detector")
 
 
 @lru_cache(maxsize=1024)
+def summary_detectors(storage: Storage, uri: str) -> frozenset[int]:
+    """The detectors with a row in a final visit summary (read once, and only for CCDs still
+    to do)."""
+    return frozenset(summary_rows(storage, uri)[1])
+
+
+@lru_cache(maxsize=1024)
 def template_visits(storage: Storage, uri: str) -> frozenset[int]:
     """The visits a template coadd was made of (its primary header)."""
     with storage.open(uri, "rb") as f:
@@ -71,7 +78,6 @@ def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
                                                      where=where, instrument=INSTRUMENT,
                                                      findFirst=True)}
     summaries = visit_uris(butler, storage, "visit_summary", existing)
-    in_summary = {v: set(summary_rows(storage, u)[1]) for v, u in summaries.items() if v in visits}
     templates = {(int(r.dataId["tract"]), int(r.dataId["patch"]), r.dataId["band"]):
                  dataset_uri(butler, storage, r)
                  for r in butler.registry.queryDatasets("template_coadd", collections=existing,
@@ -89,7 +95,8 @@ def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
         found = [templates[c] for c in sorted(cells.get((visit, detector), ())) if c in templates]
         if data_key(data_id) in done:
             skipped += 1
-        elif detector not in in_summary.get(visit, ()) or not found:
+        elif visit not in summaries or not found or detector not in summary_detectors(
+                storage, summaries[visit]):
             blocked.append(data_id)
         else:
             usable = [t for t in found if visit not in template_visits(storage, t)]

@@ -18,7 +18,7 @@ import time
 import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lsst.daf.butler import Butler, DatasetRef, FileDataset
 
@@ -54,7 +54,6 @@ class Ledger:
     bytes: int = 0
     seconds: float = 0.0
     retries: int = 0
-    checksums: dict = field(default_factory=dict, repr=False)
 
     @property
     def mb_per_s(self) -> float:
@@ -176,10 +175,9 @@ def _write_unit(destination_store: Storage, unit: list[TransferItem], data: dict
 
 
 def copy_unit(source_store: Storage, destination_store: Storage, unit: list[TransferItem],
-              staging: str) -> tuple[int, dict[str, str], int]:
+              staging: str) -> tuple[int, int]:
     """Copy one file or bundle, re-reading every file at the destination until its sha256
-    matches the source's (COPY_ATTEMPTS at most). Returns (bytes, sha256 by destination URI,
-    retries)."""
+    matches the source's (COPY_ATTEMPTS at most). Returns (bytes, retries)."""
     data = {}
     for item in unit:
         with source_store.open(item.source_uri, "rb") as f:
@@ -194,24 +192,17 @@ def copy_unit(source_store: Storage, destination_store: Storage, unit: list[Tran
                 if _sha256(f.read()) != digest:
                     bad.append(uri)
         if not bad:
-            return sum(map(len, data.values())), digests, attempt
+            return sum(map(len, data.values())), attempt
     raise TransferError(f"{unit[0].destination_uri}" + (f" and {len(unit) - 1} more" if len(unit) > 1 else "")
                         + f": checksums differ from the source's at {source_store.root} after "
                         f"{COPY_ATTEMPTS} attempts")
 
 
-@dataclass
-class Copied:
-    bytes: int = 0
-    bundles: int = 0
-    retries: int = 0
-    checksums: dict = field(default_factory=dict, repr=False)
-
-
-def copy_items(source_store: Storage, destination_store: Storage, items: list[TransferItem],
-               bundle_bytes: int = BUNDLE_BYTES, small_bytes: int = SMALL_FILE_BYTES,
-               streams: int = STREAMS) -> Copied:
-    """Copy files and bundles over `streams` parallel streams, each checked at the far side."""
+def copy_items(ledger: Ledger, source_store: Storage, destination_store: Storage,
+               items: list[TransferItem], bundle_bytes: int = BUNDLE_BYTES,
+               small_bytes: int = SMALL_FILE_BYTES, streams: int = STREAMS) -> Ledger:
+    """Copy files and bundles over `streams` parallel streams, each checked at the far side;
+    bytes, bundles and retries go into the ledger."""
     units = plan_units(items, file_sizes(source_store, [i.source_uri for i in items]), bundle_bytes,
                        small_bytes)
     staging = destination_store.join("transfers", uuid.uuid4().hex)
@@ -220,12 +211,11 @@ def copy_items(source_store: Storage, destination_store: Storage, items: list[Tr
                                                     f"{staging}/bundle-{k:05d}.zip"),
                                 range(len(units))))
     destination_store.rm(staging)
-    out = Copied(bundles=sum(len(u) > 1 for u in units))
-    for size, digests, retries in results:
-        out.bytes += size
-        out.retries += retries
-        out.checksums.update(digests)
-    return out
+    ledger.bundles += sum(len(u) > 1 for u in units)
+    for size, retries in results:
+        ledger.bytes += size
+        ledger.retries += retries
+    return ledger
 
 
 def ingest_items(source: Butler, destination: Butler, destination_store: Storage,
@@ -255,9 +245,7 @@ def transfer(ledger: Ledger, source: Butler, source_store: Storage, destination:
     """Copy and check, ingest and verify planned items, filling in the ledger."""
     ledger.datasets = ledger.files = len(items)
     start = time.perf_counter()
-    copied = copy_items(source_store, destination_store, items)
-    ledger.bytes, ledger.bundles, ledger.retries = copied.bytes, copied.bundles, copied.retries
-    ledger.checksums = copied.checksums
+    copy_items(ledger, source_store, destination_store, items)
     if items:
         ingest_items(source, destination, destination_store, items)
         verify(destination, items)
