@@ -29,7 +29,14 @@ from astropy.table import Table, vstack
 from scipy.ndimage import maximum_filter
 from scipy.spatial import cKDTree
 
-from drp_flows.tasks.calibrate import DETECTION_SIGMA, centroids, detect, measure_fwhm, significance
+from drp_flows.tasks.calibrate import (
+    DETECTION_SIGMA,
+    CalibrationError,
+    centroids,
+    detect,
+    measure_fwhm,
+    significance,
+)
 from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.images import Exposure, bit
 from drp_flows.tasks.psf import psf_flux
@@ -104,8 +111,20 @@ def merge_peaks(peaks: list[Table], radius_px: float) -> Table:
 
 
 def measure_objects(coadds: dict[str, Exposure], tract: int, patch: int) -> Table:
-    """The object table of one patch from its per-band deep coadds (same pixel grid)."""
-    prepared = {b: prepare(b, e) for b, e in sorted(coadds.items())}
+    """The object table of one patch from its per-band deep coadds (same pixel grid).
+
+    A band whose coadd is too small to measure (a patch corner a neighbour tract's visit
+    grazes: too few pixels or stars for its PSF) is left out of the patch, with the reason in
+    the table's metadata, rather than losing every other band's objects with it."""
+    prepared, skipped = {}, {}
+    for b, e in sorted(coadds.items()):
+        try:
+            prepared[b] = prepare(b, e)
+        except (ValueError, CalibrationError) as err:
+            skipped[b] = str(err)
+    if not prepared:
+        raise ValueError("no band's coadd can be measured: " +
+                         "; ".join(f"{b}: {why}" for b, why in skipped.items()))
     peaks = []
     for b, c in prepared.items():
         p, _ = detect(c.image, c.variance, ~c.covered, c.fwhm_px, thresh=DETECTION_SIGMA)
@@ -136,4 +155,8 @@ def measure_objects(coadds: dict[str, Exposure], tract: int, patch: int) -> Tabl
         t[f"{b}_psf_flux_err"] = np.where(covered, err, np.nan)
         t[f"{b}_detected"] = np.array([b in s for s in objects["detect_bands"]], bool)
         t.meta |= {f"{b}_psf_fwhm": c.fwhm_px * PIXEL_SCALE, f"{b}_noise_scale": c.noise_scale}
+    for b, why in skipped.items():
+        t[f"{b}_psf_flux"], t[f"{b}_psf_flux_err"] = np.full(n, np.nan), np.full(n, np.nan)
+        t[f"{b}_detected"] = np.zeros(n, bool)
+        t.meta[f"{b}_skipped"] = why
     return t

@@ -46,6 +46,20 @@ def sky_polygon(wcs: WCS, x: np.ndarray, y: np.ndarray) -> ConvexPolygon:
         [UnitVector3d(LonLat.fromDegrees(float(r), float(d))) for r, d in zip(ra, dec, strict=True)])
 
 
+def inset_polygon(polygon: ConvexPolygon, arcsec: float) -> ConvexPolygon:
+    """A small convex polygon with its corners moved `arcsec` inwards along both edges (the
+    diagonal of a square corner), as the part of a CCD a sliver overlap does not reach."""
+    vertices = [np.array([v.x(), v.y(), v.z()]) for v in polygon.getVertices()]
+    centre = np.mean(vertices, axis=0)
+    step = np.radians(arcsec / 3600) * np.sqrt(2)
+    moved = []
+    for v in vertices:
+        towards = (centre - v) / np.linalg.norm(centre - v)
+        u = v + towards * step
+        moved.append(UnitVector3d(*(u / np.linalg.norm(u))))
+    return ConvexPolygon(moved)
+
+
 def box_polygon(wcs: WCS, x0: float, y0: float, x1: float, y1: float) -> ConvexPolygon:
     return sky_polygon(wcs, np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]))
 

@@ -13,13 +13,14 @@ from astropy.wcs import WCS
 from lsst.daf.butler import Butler
 
 from drp_flows.sites.storage import Storage
+from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.coadd import CoaddAccumulator, njy_scale, warp
 from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.objects import measure_objects
 from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
 from drp_flows.tasks.quanta import OutputWriter, Quantum
-from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, tangent_wcs
+from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, inset_polygon, tangent_wcs
 from drp_flows.tasks.step1 import (
     data_key,
     dataset_uri,
@@ -33,6 +34,7 @@ ASSEMBLE_COADD = "assembleCoadd"
 PROPERTY_MAPS = "healSparsePropertyMaps"
 WRITE_OBJECT_TABLE = "writeObjectTable"       # detect, merge, measure, forced photometry per patch
 CONSOLIDATE_OBJECT_TABLE = "consolidateObjectTable"
+SLIVER_PIXELS = 3        # a CCD overlapping a patch by less than this is not one of its inputs
 MAP_TYPES = tuple(f"deep_coadd_{name}" for name in MAPS)
 
 
@@ -68,18 +70,35 @@ def _plan_per_cell(label: str, outputs: tuple[str, ...], with_patch: bool):
 
 def _overlaps(butler: Butler, storage: Storage, tracts: list[int], existing: list[str],
               with_patch: bool) -> tuple[dict, dict, dict]:
-    """Image URIs by (visit, detector), summary URIs by visit, and the CCDs of each cell."""
+    """Image URIs by (visit, detector), summary URIs by visit, and the CCDs of each cell.
+
+    The registry's spatial join is coarse (it matches sky pixels, so a CCD a few pixels from a
+    patch is joined to it); each pair is checked again on the exact regions, for coadds with
+    the CCD's inset by SLIVER_PIXELS: a sliver narrower than that gives the warp no pixel
+    centre to resample."""
     images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): dataset_uri(butler, storage, r)
               for r in butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
                                                      findFirst=True)}
     summaries = visit_uris(butler, storage, "visit_summary", existing)
+    inset = SLIVER_PIXELS * PIXEL_SCALE if with_patch else 0.0   # maps take every footprint
+    ccd_regions = {(int(r.visit), int(r.detector)): inset_polygon(r.region, inset) for r in
+                   butler.registry.queryDimensionRecords("visit_detector_region",
+                                                         instrument=INSTRUMENT)}
     cells: dict[tuple, set] = {}
     for tract in tracts:
+        cell_regions = ({int(r.id): r.region for r in butler.registry.queryDimensionRecords(
+            "patch", skymap=SKYMAP_NAME, tract=tract)} if with_patch else
+            {None: next(iter(butler.registry.queryDimensionRecords(
+                "tract", skymap=SKYMAP_NAME, tract=tract))).region})
         for d in butler.registry.queryDataIds(
                 ["tract", "patch", "visit", "detector", "band"], skymap=SKYMAP_NAME, tract=tract,
                 datasets="preliminary_visit_image", collections=existing):
-            key = (int(d["tract"]), int(d["patch"])) if with_patch else (int(d["tract"]),)
-            cells.setdefault((*key, d["band"]), set()).add((int(d["visit"]), int(d["detector"])))
+            ccd = (int(d["visit"]), int(d["detector"]))
+            patch = int(d["patch"]) if with_patch else None
+            if ccd_regions[ccd].isDisjointFrom(cell_regions[patch]):
+                continue
+            key = (tract, patch) if with_patch else (tract,)
+            cells.setdefault((*key, d["band"]), set()).add(ccd)
     return images, summaries, cells
 
 
