@@ -57,25 +57,31 @@ def setup(survey: Path, sites: Path = LOCAL_SITES, data: Path | None = None):
 
 @app.command()
 def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
-             data: Path | None = None, group_size: int = 100, batch_size: int = 500,
-             rescue: bool = False):
+             data: Path | None = None,
+             where: str = typer.Option("", help="Butler data query choosing the visits"),
+             group_size: int = typer.Option(100, help="visits per group at most"),
+             tracts_per_group: int = typer.Option(10, help="tracts per group at most"),
+             batch_size: int = 500, rescue: bool = False):
     """Run a campaign over the sites (QA against truth when --survey is given); a re-run
     resumes it, skipping every finished quantum."""
     from drp_flows.flows.campaign import campaign_flow
 
     _data_dir(data)
     start = time.perf_counter()
-    result = campaign_flow(str(sites), name, group_size=group_size, batch_size=batch_size,
+    result = campaign_flow(str(sites), name, where=where, group_size=group_size,
+                           tracts_per_group=tracts_per_group, batch_size=batch_size,
                            survey=str(survey.resolve()) if survey else None, rescue=rescue)
     print_summary(result, time.perf_counter() - start)
 
 
 @app.command("rescue")
 def rescue_command(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
-                   data: Path | None = None, group_size: int = 100, batch_size: int = 500):
+                   data: Path | None = None, where: str = "", group_size: int = 100,
+                   tracts_per_group: int = 10, batch_size: int = 500):
     """Re-run only the failed or missing quanta of a campaign, as a new attempt of its groups
     (new RUN collections chained in front of the old)."""
-    campaign(name, sites, survey, data, group_size, batch_size, rescue=True)
+    campaign(name, sites, survey, data, where, group_size, tracts_per_group, batch_size,
+             rescue=True)
 
 
 @app.command()

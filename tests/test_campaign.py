@@ -18,6 +18,8 @@ from drp_flows.tasks.images import Exposure
 from drp_flows.tasks.simulate import load_survey
 
 CAMPAIGN = "test1"
+GROUP_SIZE = 5            # visits: each site's 8 visits in two groups
+GROUPS = {"group_size": GROUP_SIZE, "tracts_per_group": 1}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def corrupt(local_sites):
 def result(local_sites, survey, corrupt):
     from drp_flows.flows.campaign import campaign_flow
 
-    return campaign_flow(local_sites, CAMPAIGN, survey=str(survey))
+    return campaign_flow(local_sites, CAMPAIGN, survey=str(survey), **GROUPS)
 
 
 def test_every_site_ran_its_share(result, local_sites):
@@ -58,13 +60,50 @@ def test_every_site_ran_its_share(result, local_sites):
         images = list(butler.registry.queryDatasets("preliminary_visit_image"))
         visits = {r.dataId["exposure"] for r in raws}
         expected = 9 * len(visits) - (1 if name == "frdf" else 0)
-        assert len(images) == expected
-        # each site holds the visits aimed at its own tracts
+        # each site calibrated the visits aimed at its own tracts; it also holds the CCDs of
+        # its neighbours' visits that reach onto its tracts, and no more
+        assert len([r for r in images if r.dataId["visit"] in visits]) == expected
+        tracts = {int(t) for t in site.sky.tracts}
         for ref in images:
-            assert ref.dataId["visit"] in visits
+            if ref.dataId["visit"] not in visits:
+                reached = butler.registry.queryDataIds(["tract"], dataId=ref.dataId,
+                                                       skymap="mini_skymap")
+                assert {int(d["tract"]) for d in reached} & tracts, ref.dataId
         summaries = {r.dataId["visit"] for r in butler.registry.queryDatasets("preliminary_visit_summary")}
         # the campaign site also holds every other site's (fanned in for the global calibration)
         assert summaries >= visits if name == "usdf" else summaries == visits
+
+
+def test_groups_of_visit_ranges_and_tracts(result, local_sites):
+    """Visit steps ran in groups of at most GROUP_SIZE visits, tract steps one tract a group;
+    each group attempt has its own RUN in the campaign's chain."""
+    from drp_flows.datamodel import group_run
+
+    sites = load_sites(local_sites)
+    for name, site in sites.sites.items():
+        rows = [r for r in result["progress"] if r["site"] == name]
+        calibrate = [r for r in rows if r["step"] == "calibrateImage"]
+        assert len(calibrate) == 2 and sum(r["total"] for r in calibrate) == 72
+        assert all(r["total"] <= 9 * GROUP_SIZE for r in calibrate)
+        coadds = sorted(r["group"] for r in rows if r["step"] == "assembleCoadd")
+        assert coadds == [f"tracts-{t}" for t in site.sky.tracts]
+        chain = open_butler(site).registry.getCollectionChain(f"ComCamSim/runs/{CAMPAIGN}")
+        for r in calibrate:
+            assert group_run(CAMPAIGN, "step1", r["group"], 1) in chain
+
+
+def test_data_query_chooses_visits_and_tracts(local_sites, survey):
+    from drp_flows.flows.campaign import site_tracts, site_visits
+
+    _, visits = load_survey(survey)
+    first = visits[visits["night"] == 0]
+    day_obs = int(first["visit"][0]) // 100000
+    assert site_visits(local_sites, "frdf", f"day_obs = {day_obs}") == sorted(
+        int(v["visit"]) for v in first if v["tract"] in (2, 3))
+    assert site_tracts(local_sites, "usdf", "tract = 1") == [1]
+    assert site_tracts(local_sites, "usdf", f"day_obs = {day_obs}") == [0, 1]
+    with pytest.raises(ValueError, match="data query 'band =' at site usdf"):
+        site_visits(local_sites, "usdf", "band =")
 
 
 def test_outputs_readable_with_the_butler(result, local_sites):
@@ -179,7 +218,9 @@ def test_global_calibration_moved_and_applied(result, local_sites):
     assert {r["pool"] for r in result["progress"]
             if r["step"] not in ("fgcmFitCycle", "assembleCoadd", "drpDiaCalculation")} == {"short"}
     moved = {(t["label"], t["source"], t["destination"]): t for t in result["transfers"]}
-    assert len(moved) == 10
+    boundary = [k for k in moved if k[0] == "boundary visits across"]
+    assert len(moved) - len(boundary) == 10   # five fan-ins from two sites, one fan-out to two
+    assert boundary                           # the CCDs of visits reaching a neighbour's tracts
     for t in moved.values():
         assert t["datasets"] == t["files"] > 0 and t["bytes"] > 0
     home = Butler.from_config(sites["usdf"].repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
@@ -205,14 +246,15 @@ def test_global_calibration_moved_and_applied(result, local_sites):
 def test_rerun_skips_finished_quanta(result, local_sites):
     from drp_flows.flows.campaign import campaign_flow
 
-    again = campaign_flow(local_sites, CAMPAIGN)
+    again = campaign_flow(local_sites, CAMPAIGN, **GROUPS)
     assert all(t["datasets"] == 0 for t in again["transfers"])   # everything already there
+    retried = [r for r in again["progress"] if r["failed"]]
+    # only the quarantined CCD is tried again (and fails again)
+    assert [(r["site"], r["step"], r["failed"], r["done"]) for r in retried] == [
+        ("frdf", "calibrateImage", 1, 0)]
     for row in again["progress"]:
-        if row["step"] == "calibrateImage" and row["site"] == "frdf":
-            # only the quarantined CCD is tried again (and fails again)
-            assert row["done"] == 0 and row["failed"] == 1
-        else:
-            assert row["done"] == 0 and row["failed"] == 0 and row["skipped"] == row["total"]
+        if row not in retried:
+            assert row["done"] == 0 and row["skipped"] == row["total"]
 
 
 def test_isolated_stars_per_tract_against_truth(result, local_sites, survey):
@@ -226,7 +268,7 @@ def test_isolated_stars_per_tract_against_truth(result, local_sites, survey):
     tree = cKDTree(unit_vectors(np.asarray(truth["ra"]), np.asarray(truth["dec"])))
     rows = [r for r in result["progress"] if r["step"] == "isolatedStarAssociation"]
     assert {r["site"] for r in rows} == {"usdf", "frdf", "ukdf"}
-    assert all(r["done"] == r["total"] == 2 for r in rows)
+    assert all(r["done"] == r["total"] == 1 for r in rows) and len(rows) == 6   # a tract a group
     repeated = 0
     for site in load_sites(local_sites).sites.values():
         butler = Butler.from_config(site.repo_dir, collections=f"ComCamSim/runs/{CAMPAIGN}")
@@ -356,14 +398,20 @@ def test_objects_per_patch_and_tract_archived(result, local_sites):
         assert patches == {(t, p) for t in site.sky.tracts for p in range(4)}
         for tract in site.sky.tracts:
             objects = butler.get("object", skymap="mini_skymap", tract=tract)
-            bands = {r.dataId["band"] for r in butler.registry.queryDatasets(
-                "deep_coadd", skymap="mini_skymap", tract=tract)}
+            coadds = [r.dataId["band"] for r in butler.registry.queryDatasets(
+                "deep_coadd", skymap="mini_skymap", tract=tract)]
             assert len(objects) > 100 and len(set(objects["object_id"])) == len(objects)
             assert set(objects["patch"]) == {0, 1, 2, 3} and (objects["tract"] == tract).all()
-            for band in bands:   # forced photometry wherever the band's coadd covers an object
-                assert objects[f"{band}_detected"].any()
-                assert np.isfinite(objects[f"{band}_psf_flux"]).mean() > 0.8
-            assert set(objects["ref_band"]) <= bands
+            skipped = {k.split("_")[0] for p in range(4) for k in butler.get(
+                "object_patch", skymap="mini_skymap", tract=tract, patch=p).meta
+                if k.endswith("_skipped")}
+            for band in set(coadds):
+                if coadds.count(band) == 4:   # forced photometry over the band's whole tract
+                    assert objects[f"{band}_detected"].any()
+                    assert np.isfinite(objects[f"{band}_psf_flux"]).mean() > 0.8
+                else:                         # a neighbour's visit grazing the tract
+                    assert band in skipped or np.isfinite(objects[f"{band}_psf_flux"]).any()
+            assert set(objects["ref_band"]) <= set(coadds)
         assert set(site.sky.tracts) <= archived
 
 
@@ -382,6 +430,35 @@ def test_survey_maps_plots_and_metrics_at_the_campaign_site(result, local_sites)
         metrics = home.get("property_map_metrics", skymap="mini_skymap", band=band)
         assert list(metrics["property"]) == ["n_exposure", "exposure_time", "psf_size", "psf_maglim"]
         assert (metrics["area_deg2"] > 0).all()
+
+
+def test_progress_and_transfers_published_as_artifacts(result):
+    """What the Prefect UI shows: a table per transfer, a progress table per group, the
+    campaign's summary."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    def latest(pattern: str) -> dict:
+        with get_client(sync_client=True) as client:
+            found = client.read_latest_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=pattern)))
+        return {a.key: a for a in found}
+
+    transfers = latest(f"transfer-{CAMPAIGN}-%")
+    assert len(transfers) == len(result["transfers"])
+    key = f"transfer-{CAMPAIGN}-final-visit-summaries-in-frdf-usdf"
+    with get_client(sync_client=True) as client:      # every version: re-runs add their own
+        versions = [json.loads(a.data)[0] for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))]
+    ledger = next(t for t in result["transfers"] if t["label"] == "final visit summaries in"
+                  and t["source"] == "frdf")
+    assert any(v["files"] == ledger["files"] > 0 and v["bytes"] == ledger["bytes"] and
+               v["mb_per_s"] > 0 for v in versions), versions
+    progress = latest(f"progress-{CAMPAIGN}-frdf-stage1-%").values()
+    assert sorted("calibrateImage" in a.data for a in progress) == [False, False, True, True]
+    assert sum("isolatedStarAssociation" in a.data for a in progress) == 2
+    summary = latest(f"campaign-{CAMPAIGN}")[f"campaign-{CAMPAIGN}"].data
+    assert "## Transfers" in summary and "boundary visits across" in summary
 
 
 def test_status_shows_every_group(result, local_sites):
@@ -407,7 +484,7 @@ def test_rescue_reruns_only_what_failed(result, corrupt, local_sites):
     from drp_flows.flows.campaign import campaign_flow
 
     open(corrupt["path"], "wb").write(corrupt["original"])
-    rescued = campaign_flow(local_sites, CAMPAIGN, rescue=True)
+    rescued = campaign_flow(local_sites, CAMPAIGN, rescue=True, **GROUPS)
     assert not rescued["quarantined"]
     worked = [r for r in rescued["progress"] if r["done"]]
     assert [(r["site"], r["step"], r["done"], r["attempt"], r["state"]) for r in worked] == [

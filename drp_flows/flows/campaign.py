@@ -3,7 +3,8 @@
 Start each site's Dask cluster(s); stage 1 (single frames) at every site on its own sky share;
 fan-in of the isolated stars and preliminary visit summaries to the campaign site; the global
 photometric calibration there; fan-out of the solution, split by visit, to the sites holding
-the visits; stage 2 (final visit summaries) at every site and their fan-in; stage 3 (coadds,
+the visits; stage 2 (final visit summaries) at every site and their fan-in; the calibrated
+CCDs of visits that reach onto another site's tracts to that site; stage 3 (coadds,
 property maps) and the maps' fan-in; stage 4 (difference imaging, DIA association and light
 curves per tract); fan-in of the DIA catalogs and moving-object linking at the campaign site; QA.
 """
@@ -16,8 +17,9 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+from lsst.daf.butler import ButlerUserError
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection
@@ -39,34 +41,45 @@ from drp_flows.tasks.qa_association import step5_qa
 from drp_flows.tasks.qa_diffim import step4_qa
 from drp_flows.tasks.qa_objects import object_qa
 from drp_flows.tasks.qa_survey import step7_qa
-from drp_flows.tasks.skymap import MiniSkymap
+from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
 from drp_flows.tasks.step5 import DIA_CATALOGS
 from drp_flows.tasks.transfer import Ledger, check_embargo, plan_transfer, transfer
 
 
-def site_visits(site_file: str, site: str) -> list[int]:
-    """The visits whose raws a site holds."""
+def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
+    """The visits whose raws a site holds, those the data query `where` selects if given."""
     butler = open_butler(load_sites(site_file)[site])
-    ids = butler.registry.queryDataIds(["visit"], datasets="raw", collections=DEFAULTS,
-                                       instrument=INSTRUMENT)
-    return sorted({int(d["visit"]) for d in ids})
+    try:
+        ids = butler.registry.queryDataIds(["visit"], datasets="raw", collections=DEFAULTS,
+                                           instrument=INSTRUMENT, skymap=SKYMAP_NAME, where=where)
+        return sorted({int(d["visit"]) for d in ids})
+    except ButlerUserError as e:
+        raise ValueError(f"data query {where!r} at site {site}: {e}") from None
 
 
-def make_groups(visits: list[int], group_size: int) -> dict[str, list[int]]:
-    """Visit-range groups of at most group_size visits, named by their first and last visit."""
-    if group_size < 1:
-        raise ValueError(f"group_size={group_size}: must be >= 1")
-    chunks = [visits[i:i + group_size] for i in range(0, len(visits), group_size)]
-    return {f"{c[0]}-{c[-1]}": c for c in chunks}
-
-
-def site_tracts(site_file: str, site: str) -> list[int]:
-    """The tracts of a site's sky share."""
+def site_tracts(site_file: str, site: str, where: str = "") -> list[int]:
+    """The tracts of a site's sky share; with a data query, those its selected visits reach."""
     site_cfg = load_sites(site_file)[site]
-    sky = MiniSkymap(**step1.skymap_config(open_butler(site_cfg)))
-    return [t for t in sky.tracts if site_cfg.owns_tract(t, sky.tract_center(t)[1])]
+    butler = open_butler(site_cfg)
+    sky = MiniSkymap(**step1.skymap_config(butler))
+    tracts = [t for t in sky.tracts if site_cfg.owns_tract(t, sky.tract_center(t)[1])]
+    if not where:
+        return tracts
+    reached = {int(d["tract"]) for d in butler.registry.queryDataIds(
+        ["visit", "tract"], datasets="raw", collections=DEFAULTS, instrument=INSTRUMENT,
+        skymap=SKYMAP_NAME, where=where)}
+    return [t for t in tracts if t in reached]
+
+
+def make_groups(ids: list[int], size: int, prefix: str = "") -> dict[str, list[int]]:
+    """Groups of at most `size` of the ids in order (visit or tract ranges), named by their
+    first and last id."""
+    if size < 1:
+        raise ValueError(f"group size {size}: must be >= 1")
+    chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
+    return {prefix + "-".join(map(str, sorted({c[0], c[-1]}))): c for c in chunks}
 
 
 def latest_attempt(site_file: str, campaign: str) -> int:
@@ -80,17 +93,16 @@ def latest_attempt(site_file: str, campaign: str) -> int:
 
 @task(name="stage at site", cache_policy=NO_CACHE)
 def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address: str,
-                  long_address: str | None, group_size: int, batch_size: int,
-                  attempt: int = 1) -> list[dict]:
+                  long_address: str | None, group_size: int, tracts_per_group: int,
+                  batch_size: int, where: str = "", attempt: int = 1) -> list[dict]:
     """All groups of one stage at one site, scope by scope: one stage flow run per group of
-    visits, one for the site's tracts, one for campaign-wide work."""
+    visits, per group of the site's tracts, and one for campaign-wide work."""
     progress = []
     for scope in STAGES[stage]:
         if scope == "visit":
-            groups = make_groups(site_visits(site_file, site), group_size)
+            groups = make_groups(site_visits(site_file, site, where), group_size)
         elif scope == "tract":
-            tracts = site_tracts(site_file, site)
-            groups = {"tracts-" + "-".join(map(str, tracts)): tracts} if tracts else {}
+            groups = make_groups(site_tracts(site_file, site, where), tracts_per_group, "tracts-")
         else:
             groups = {"global": []}
         for name, ids in groups.items():
@@ -101,16 +113,25 @@ def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address:
 
 @task(name="transfer", cache_policy=NO_CACHE)
 def transfer_task(site_file: str, campaign: str, movement: str, source: str, destination: str,
-                  dataset_types: list[str], visits: list[int] | None = None) -> dict:
-    """One closed-loop transfer between two sites; the moved RUNs join the destination's
-    campaign chain, so the next stage finds them as it finds its own outputs."""
+                  dataset_types: list[str], visits: list[int] | None = None,
+                  ccds: list[tuple[int, int]] | None = None) -> dict:
+    """One closed-loop transfer between two sites, of the given visits (default all), and of
+    per-detector datasets only the given (visit, detector) `ccds` when they are given; the
+    moved RUNs join the destination's campaign chain, so the next stage finds them as it
+    finds its own outputs."""
     sites = load_sites(site_file)
     src, dst = sites[source], sites[destination]
     src_butler, dst_butler = open_butler(src), open_butler(dst, writeable=True)
+    if ccds is not None:
+        visits = sorted({int(v) for v, _ in ccds})
     where = f"visit IN ({', '.join(map(str, visits))})" if visits else ""
     items = [] if visits == [] else plan_transfer(
         src_butler, src.store, dst_butler, dst.store, dataset_types,
         existing_collections(src_butler, [campaign_collection(campaign)]), where)
+    if ccds is not None:
+        wanted = {(int(v), int(d)) for v, d in ccds}
+        items = [i for i in items if "detector" not in i.ref.dataId.required
+                 or (int(i.ref.dataId["visit"]), int(i.ref.dataId["detector"])) in wanted]
     if sites.embargo:
         check_embargo(items, sites.embargo.embargoed_exposures(src_butler), source, destination,
                       dst.embargo)
@@ -118,7 +139,12 @@ def transfer_task(site_file: str, campaign: str, movement: str, source: str, des
                       dst.store, items)
     for run in sorted({i.ref.run for i in items}):
         chain_run(dst_butler, campaign, run)
-    return asdict(ledger) | {"mb_per_s": ledger.mb_per_s}
+    row = asdict(ledger) | {"mb_per_s": ledger.mb_per_s}
+    create_table_artifact([row | {"mb_per_s": round(ledger.mb_per_s, 2),
+                                  "seconds": round(ledger.seconds, 3)}],
+                          key=artifact_key(f"transfer-{campaign}-{movement}-{source}-{destination}"),
+                          description=f"{campaign}: {movement}, {source} -> {destination}")
+    return row
 
 
 def fan_in(site_file: str, campaign: str, movement: str, dataset_types: list[str]) -> list[dict]:
@@ -140,12 +166,41 @@ def fan_out(site_file: str, campaign: str, movement: str, dataset_types: list[st
     return [f.result() for f in futures]
 
 
+def boundary_ccds(site_file: str, source: str, destination: str) -> list[tuple[int, int]]:
+    """The source's own calibrated CCDs on the destination's tracts (exact regions), less the
+    embargoed ones when the destination is not an embargo site. A visit's home is the site of
+    the tract it aims at, but its CCDs also fall on neighbouring tracts, whose coadds need them."""
+    sites = load_sites(site_file)
+    butler = open_butler(sites[source])
+    wanted = set(site_tracts(site_file, destination))
+    tracts = [r.region for r in butler.registry.queryDimensionRecords("tract", skymap=SKYMAP_NAME)
+              if int(r.id) in wanted]
+    visits = set(site_visits(site_file, source))
+    if sites.embargo and not sites[destination].embargo:
+        visits -= sites.embargo.embargoed_exposures(butler)
+    return sorted((int(r.visit), int(r.detector)) for r in butler.registry.queryDimensionRecords(
+        "visit_detector_region", instrument=INSTRUMENT)
+        if int(r.visit) in visits and not all(r.region.isDisjointFrom(t) for t in tracts))
+
+
+def exchange_boundaries(site_file: str, campaign: str, movement: str,
+                        dataset_types: list[str]) -> list[dict]:
+    """Every site -> each other site whose tracts its CCDs overlap, concurrently."""
+    sites = load_sites(site_file)
+    pairs = {(s, d): boundary_ccds(site_file, s, d) for s in sites.sites for d in sites.sites if s != d}
+    futures = [transfer_task.with_options(name=f"{movement} {s}->{d}").submit(
+        site_file, campaign, movement, s, d, dataset_types, ccds=ccds)
+        for (s, d), ccds in pairs.items() if ccds]
+    return [f.result() for f in futures]
+
+
 def at_every_site(site_file: str, campaign: str, stage: str, addresses: dict, long_addresses: dict,
-                  group_size: int, batch_size: int, attempt: int, only: str | None = None) -> list[dict]:
+                  group_size: int, tracts_per_group: int, batch_size: int, where: str,
+                  attempt: int, only: str | None = None) -> list[dict]:
     """One stage at every site (or only one), the sites concurrently."""
     futures = [stage_at_site.with_options(name=f"{stage} at {name}").submit(
         site_file, name, campaign, stage, addresses[name], long_addresses.get(name), group_size,
-        batch_size, attempt) for name in addresses if only in (None, name)]
+        tracts_per_group, batch_size, where, attempt) for name in addresses if only in (None, name)]
     return [row for f in futures for row in f.result()]
 
 
@@ -188,12 +243,16 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
 
 @flow(name="drp-campaign", flow_run_name="{campaign}")
 def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
-                  group_size: int = 100, batch_size: int = 500,
-                  survey: str | None = None, rescue: bool = False) -> dict:
+                  where: str = "", group_size: int = 100, tracts_per_group: int = 10,
+                  batch_size: int = 500, survey: str | None = None, rescue: bool = False) -> dict:
     """Run the campaign over the sites of the site file: stage 1 everywhere, fan-in, the global
     calibration at the campaign site, fan-out, stages 2-4 everywhere with their fan-ins; then QA
     against the truth of a simulated survey if one is given. Returns progress rows, transfer ledgers,
     quarantined quanta and QA.
+
+    `where` is a Butler data query choosing the campaign's visits (e.g. "day_obs = 20251120",
+    "band IN ('g', 'r')", "tract = 0"; default all); the visit steps run in groups of at most
+    `group_size` visits, the tract steps in groups of at most `tracts_per_group` tracts.
 
     A re-run resumes in the latest attempt, skipping every finished quantum; `rescue` starts a
     new attempt of every group instead (its own RUN collections, chained in front), which runs
@@ -203,6 +262,8 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
     home = sites.campaign_site
     latest = latest_attempt(site_file, campaign)
     attempt = latest + 1 if rescue else max(latest, 1)
+    for name in sites.sites:            # a bad query fails here, naming it, not in a stage
+        site_visits(site_file, name, where)
     with ExitStack() as stack:
         addresses = {name: stack.enter_context(running_cluster(site.cluster))
                      for name, site in sites.sites.items()}
@@ -210,7 +271,8 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
                           for name, site in sites.sites.items() if site.long_cluster}
         logger.info("clusters: %s, long-quantum clusters: %s", addresses, long_addresses)
         run = partial(at_every_site, site_file, campaign, addresses=addresses,
-                      long_addresses=long_addresses, group_size=group_size, batch_size=batch_size,
+                      long_addresses=long_addresses, group_size=group_size,
+                      tracts_per_group=tracts_per_group, batch_size=batch_size, where=where,
                       attempt=attempt)
         rows = run("stage1")
         ledgers = fan_in(site_file, campaign, "isolated stars and visit summaries in",
@@ -219,6 +281,8 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
         ledgers += fan_out(site_file, campaign, "global calibration out", ["fgcm_photo_calib"])
         rows += run("stage2")
         ledgers += fan_in(site_file, campaign, "final visit summaries in", ["visit_summary"])
+        ledgers += exchange_boundaries(site_file, campaign, "boundary visits across",
+                                       ["preliminary_visit_image", "visit_summary"])
         rows += run("stage3")
         ledgers += fan_in(site_file, campaign, "property maps in", list(MAP_TYPES))
         rows += run("stage4")

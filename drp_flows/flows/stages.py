@@ -196,7 +196,7 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
         p.finish()
         write_progress(site_cfg, campaign, stage, group, progress)
         create_markdown_artifact(progress_markdown(progress),
-                                 key=artifact_key(f"progress-{site}-{stage}-{group}"),
+                                 key=artifact_key(f"progress-{campaign}-{site}-{stage}-{group}"),
                                  description=f"{campaign}: {stage} at {site}, group {group}")
     report = quarantine(site_cfg, campaign, stage, group, progress)
     failed = sum(p.failed for p in progress)

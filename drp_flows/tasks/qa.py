@@ -152,11 +152,16 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
     mjd = {int(v["visit"]): float(v["mjd"]) for v in visits}
     rows, dm_all, found_all = [], [], []
     for butler in butlers:
+        # each site's own CCDs: a boundary visit's images moved to a neighbour count at home
+        own = {int(r.dataId["visit"]) for r in butler.registry.queryDatasets(
+            "single_visit_star", collections=collection, instrument=INSTRUMENT, findFirst=True)}
         refs = butler.registry.queryDatasets("preliminary_visit_image", collections=collection,
                                              instrument=INSTRUMENT, findFirst=True)
         stars_by_visit: dict[int, Table] = {}
         for ref in sorted(refs, key=lambda r: (r.dataId["visit"], r.dataId["detector"])):
             visit, detector = int(ref.dataId["visit"]), int(ref.dataId["detector"])
+            if visit not in own:
+                continue
             uri = butler.getURI(ref)
             with uri.open("rb") as f:
                 hdul = fits.open(f, lazy_load_hdus=True)

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
-from lsst.daf.butler import Butler
+from lsst.daf.butler import Butler, MissingCollectionError
 
 from drp_flows.datamodel import CALIB_COLLECTION, DATASET_TYPES, DEFAULTS, REFCAT, SKYMAP_RUN
 from drp_flows.sites.storage import Storage
@@ -57,7 +57,14 @@ def camera_config(butler: Butler) -> dict:
 
 def existing_collections(butler: Butler, collections: list[str]) -> list[str]:
     """Those of the collections that exist (a new campaign's chain does not yet)."""
-    return [c for c in collections if list(butler.registry.queryCollections(c))]
+    existing = []
+    for c in collections:
+        try:
+            butler.registry.getCollectionType(c)
+        except MissingCollectionError:
+            continue
+        existing.append(c)
+    return existing
 
 
 def done_quanta(butler: Butler, collections: list[str], outputs: tuple[str, ...]) -> set[tuple]:

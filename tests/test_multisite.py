@@ -1,0 +1,122 @@
+"""Results do not depend on the site that produced them: the test survey run as one site and as
+three (ukdf on S3 through its own moto_server, usdf the embargo site with the survey's last
+visits under embargo) gives the same calibrations and final catalogs."""
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from astropy.time import Time
+from conftest import moto_server
+
+from drp_flows.datamodel import campaign_collection
+from drp_flows.sites.butler import open_butler
+from drp_flows.sites.config import load_sites
+from drp_flows.tasks.simulate import load_survey
+
+CAMPAIGN = "same1"
+BUCKET = "ukdf-drp"
+
+
+def write_sites(path, sites: dict[str, dict], campaign_site: str, embargo: str) -> str:
+    lines = [f"campaign_site: {campaign_site}", f"embargo: {embargo}", "sites:"]
+    for name, keys in sites.items():
+        lines += [f"  {name}:", "    cluster: {kind: local, jobs: 1, threads_per_worker: 1}"]
+        lines += [f"    {k}: {v}" for k, v in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_api, survey, s3_credentials, tmp_path_factory):
+    """The same campaign on one site and on three; returns the two site files and results.
+
+    The embargo covers the survey's last two visits, which aim at usdf's tracts: embargoed
+    visits aimed at another site's tracts stay out of that site's coadds by design (see
+    test_embargo), so only here do the results not depend on the sites."""
+    from drp_flows.flows.campaign import campaign_flow
+    from drp_flows.flows.setup import setup_flow
+
+    _, visits = load_survey(survey)
+    last = Time(visits["mjd"].max(), format="mjd", scale="tai").utc.to_datetime()
+    embargo = f"{{hours: 1, now: '{(last + timedelta(minutes=57)).isoformat()}'}}"
+    visits.sort("mjd")
+    assert set(visits["tract"][-2:]) == {4, 5}
+    root = tmp_path_factory.mktemp("multisite")
+    with moto_server(BUCKET) as endpoint:
+        three = write_sites(root / "three.yaml", {
+            "usdf": {"storage": f"file://{root}/usdf", "embargo": "true", "sky": "{tracts: [4, 5]}"},
+            "frdf": {"storage": f"file://{root}/frdf", "sky": "{tracts: [2, 3]}"},
+            "ukdf": {"storage": f"s3://{BUCKET}/drp", "butler": f"{{repo: {root}/ukdf-repo}}",
+                     "storage_options": f'{{endpoint_url: "{endpoint}"}}', "sky": "{tracts: [0, 1]}"},
+        }, "usdf", embargo)
+        one = write_sites(root / "one.yaml", {
+            "solo": {"storage": f"file://{root}/solo", "embargo": "true"}}, "solo", embargo)
+        results = {}
+        for site_file in (one, three):
+            setup_flow(site_file, str(survey))
+            results[site_file] = campaign_flow(site_file, CAMPAIGN)
+        yield one, three, results
+
+
+def datasets(site_file: str, dataset_type: str) -> dict:
+    """Every dataset of a type at the campaign site, by data ID."""
+    sites = load_sites(site_file)
+    butler = open_butler(sites[sites.campaign_site], collections=campaign_collection(CAMPAIGN))
+    return {tuple(sorted(r.dataId.required.items())): butler.get(r)
+            for r in butler.registry.queryDatasets(dataset_type, findFirst=True)}
+
+
+def table_differences(key, a, b) -> list[str]:
+    if len(a) != len(b):
+        return [f"{key}: {len(a)} rows vs {len(b)}"]
+    out = []
+    for col in a.colnames:
+        x, y = np.asarray(a[col]), np.asarray(b[col])
+        if x.dtype.kind == "f":
+            if not np.allclose(x, y, rtol=1e-9, atol=0, equal_nan=True):
+                out.append(f"{key} {col}: largest difference {np.nanmax(np.abs(x - y)):.3g}")
+        elif not np.array_equal(x, y):
+            out.append(f"{key} {col}: {np.sum(x != y)} values differ")
+    return out
+
+
+def map_differences(key, a, b) -> list[str]:
+    pa, pb = a.valid_pixels, b.valid_pixels
+    if not np.array_equal(pa, pb):
+        return [f"{key}: {len(pa)} valid pixels vs {len(pb)}"]
+    if not np.allclose(a[pa], b[pb], rtol=1e-9, atol=0):
+        return [f"{key}: largest difference {np.max(np.abs(a[pa] - b[pb])):.3g}"]
+    return []
+
+
+def test_both_campaigns_ran_everything(runs):
+    one, three, results = runs
+    for site_file in (one, three):
+        result = results[site_file]
+        assert not result["quarantined"], result["quarantined"][:3]
+        assert not [r for r in result["progress"] if r["blocked"]]
+    moved = [t for t in results[three]["transfers"] if t["label"] == "boundary visits across"]
+    assert moved and all(t["files"] == t["datasets"] > 0 for t in moved)
+    assert {t["source"] for t in results[three]["transfers"]} == {"usdf", "frdf", "ukdf"}
+
+
+@pytest.mark.parametrize("dataset_type", [
+    "fgcm_photo_calib", "visit_summary", "isolated_star", "isolated_star_source", "object",
+    "dia_source", "dia_object", "dia_object_forced_source", "ss_object"])
+def test_same_catalogs_and_calibrations(runs, dataset_type):
+    one, three, _ = runs
+    a, b = datasets(one, dataset_type), datasets(three, dataset_type)
+    assert a and set(a) == set(b), dataset_type
+    diffs = [d for key in a for d in table_differences(key, a[key], b[key])]
+    assert not diffs, "\n".join(diffs[:40])
+
+
+@pytest.mark.parametrize("statistic", ["n_exposure_consolidated_map_sum",
+                                       "psf_size_consolidated_map_weighted_mean"])
+def test_same_survey_maps(runs, statistic):
+    one, three, _ = runs
+    a, b = datasets(one, f"deep_coadd_{statistic}"), datasets(three, f"deep_coadd_{statistic}")
+    assert a and set(a) == set(b)
+    diffs = [d for key in a for d in map_differences(key, a[key], b[key])]
+    assert not diffs, "\n".join(diffs)

@@ -1,0 +1,59 @@
+"""An interrupted campaign resumes without recomputing: `drp campaign` is killed (SIGKILL, with
+its Dask workers) once stage 1 has registered some of its CCDs; the re-run skips exactly
+those and finishes the rest."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from prefect.settings import PREFECT_API_URL
+
+from drp_flows.datamodel import campaign_collection
+from drp_flows.sites.butler import open_butler
+from drp_flows.sites.config import load_sites
+from drp_flows.tasks.step1 import existing_collections
+
+CAMPAIGN = "interrupted1"
+
+
+def calibrated(site_file: str) -> int:
+    """preliminary_visit_image datasets registered for the campaign (every RUN, not find-first)."""
+    butler = open_butler(load_sites(site_file)["solo"])
+    collections = existing_collections(butler, [campaign_collection(CAMPAIGN)])
+    return len(list(butler.registry.queryDatasets("preliminary_visit_image",
+                                                  collections=collections))) if collections else 0
+
+
+def test_killed_campaign_resumes_without_recomputing(prefect_api, survey, one_site_file, tmp_path):
+    from drp_flows.flows.campaign import campaign_flow
+    from drp_flows.flows.setup import setup_flow
+
+    site_file = one_site_file("solo", storage=f"file://{tmp_path}/solo", sky="{tracts: [0]}")
+    (row,) = setup_flow(site_file, str(survey))
+    total = row["raws"]
+    drp = os.path.join(os.path.dirname(sys.executable), "drp")
+    proc = subprocess.Popen([drp, "campaign", CAMPAIGN, "--sites", site_file, "--group-size", "2",
+                             "--batch-size", "3"], start_new_session=True,
+                            env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    try:
+        while calibrated(site_file) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "stage 1 registered nothing in 10 minutes"
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = calibrated(site_file)
+    assert 3 <= before < total, "the kill came after stage 1: nothing left to resume"
+
+    result = campaign_flow(site_file, CAMPAIGN, group_size=2, batch_size=3)
+    calib = [r for r in result["progress"] if r["step"] == "calibrateImage"]
+    assert sum(r["skipped"] for r in calib) == before
+    assert sum(r["done"] for r in calib) == total - before
+    assert calibrated(site_file) == total          # each CCD once: nothing made twice
+    assert not result["quarantined"], result["quarantined"][:3]
+    assert all(r["done"] + r["skipped"] == r["total"] for r in result["progress"])
