@@ -7,6 +7,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -58,9 +59,9 @@ def setup(survey: Path, sites: Path = LOCAL_SITES, data: Path | None = None):
 @app.command()
 def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
              data: Path | None = None,
-             where: str = typer.Option("", help="Butler data query choosing the visits"),
-             group_size: int = typer.Option(100, help="visits per group at most"),
-             tracts_per_group: int = typer.Option(10, help="tracts per group at most"),
+             where: Annotated[str, typer.Option(help="Butler data query choosing the visits")] = "",
+             group_size: Annotated[int, typer.Option(help="visits per group at most")] = 100,
+             tracts_per_group: Annotated[int, typer.Option(help="tracts per group at most")] = 10,
              batch_size: int = 500, rescue: bool = False):
     """Run a campaign over the sites (QA against truth when --survey is given); a re-run
     resumes it, skipping every finished quantum."""
