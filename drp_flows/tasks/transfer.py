@@ -1,4 +1,4 @@
-"""Closed-loop transfers of Butler datasets between sites (the six data movements).
+"""Closed-loop transfers of Butler datasets between sites (every data movement of ARCHITECTURE.md).
 
 plan (which datasets, how many bytes, what the destination already has) -> copy through fsspec
 over parallel streams, large files alone and small ones in zip bundles (one round trip per
