@@ -166,31 +166,37 @@ def fan_out(site_file: str, campaign: str, movement: str, dataset_types: list[st
     return [f.result() for f in futures]
 
 
-def boundary_ccds(site_file: str, source: str, destination: str) -> list[tuple[int, int]]:
-    """The source's own calibrated CCDs on the destination's tracts (exact regions), less the
-    embargoed ones when the destination is not an embargo site. A visit's home is the site of
-    the tract it aims at, but its CCDs also fall on neighbouring tracts, whose coadds need them."""
+def boundary_ccds(site_file: str, source: str) -> dict[str, list[tuple[int, int]]]:
+    """The source's own calibrated CCDs on each other site's tracts (exact regions), less the
+    embargoed ones for sites that are not embargo sites. A visit's home is the site of the
+    tract it aims at, but its CCDs also fall on neighbouring tracts, whose coadds need them."""
     sites = load_sites(site_file)
     butler = open_butler(sites[source])
-    wanted = set(site_tracts(site_file, destination))
-    tracts = [r.region for r in butler.registry.queryDimensionRecords("tract", skymap=SKYMAP_NAME)
-              if int(r.id) in wanted]
-    visits = set(site_visits(site_file, source))
-    if sites.embargo and not sites[destination].embargo:
-        visits -= sites.embargo.embargoed_exposures(butler)
-    return sorted((int(r.visit), int(r.detector)) for r in butler.registry.queryDimensionRecords(
-        "visit_detector_region", instrument=INSTRUMENT)
-        if int(r.visit) in visits and not all(r.region.isDisjointFrom(t) for t in tracts))
+    tract_regions = {int(r.id): r.region
+                     for r in butler.registry.queryDimensionRecords("tract", skymap=SKYMAP_NAME)}
+    own = set(site_visits(site_file, source))
+    embargoed = sites.embargo.embargoed_exposures(butler) if sites.embargo else set()
+    ccds = [r for r in butler.registry.queryDimensionRecords("visit_detector_region",
+                                                             instrument=INSTRUMENT)
+            if int(r.visit) in own]
+    out = {}
+    for name, site in sites.sites.items():
+        if name == source:
+            continue
+        regions = [tract_regions[t] for t in site_tracts(site_file, name)]
+        allowed = own if site.embargo else own - embargoed
+        out[name] = sorted((int(r.visit), int(r.detector)) for r in ccds if int(r.visit) in allowed
+                           and any(not r.region.isDisjointFrom(t) for t in regions))
+    return out
 
 
 def exchange_boundaries(site_file: str, campaign: str, movement: str,
                         dataset_types: list[str]) -> list[dict]:
     """Every site -> each other site whose tracts its CCDs overlap, concurrently."""
-    sites = load_sites(site_file)
-    pairs = {(s, d): boundary_ccds(site_file, s, d) for s in sites.sites for d in sites.sites if s != d}
-    futures = [transfer_task.with_options(name=f"{movement} {s}->{d}").submit(
-        site_file, campaign, movement, s, d, dataset_types, ccds=ccds)
-        for (s, d), ccds in pairs.items() if ccds]
+    futures = [transfer_task.with_options(name=f"{movement} {source}->{destination}").submit(
+        site_file, campaign, movement, source, destination, dataset_types, ccds=ccds)
+        for source in load_sites(site_file).sites
+        for destination, ccds in boundary_ccds(site_file, source).items() if ccds]
     return [f.result() for f in futures]
 
 

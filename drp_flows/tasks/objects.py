@@ -64,7 +64,7 @@ def prepare(band: str, coadd: Exposure, fwhm_guess_px: float = 5.0) -> BandCoadd
     the significance's noise scale."""
     covered = (coadd.mask & bit("NO_DATA")) == 0
     if covered.sum() < 100:
-        raise ValueError(f"{band}-band coadd has {covered.sum()} covered pixels")
+        raise CalibrationError(f"{band}-band coadd has {covered.sum()} covered pixels")
     fill = float(np.median(coadd.variance[covered]))
     variance = np.where(covered, coadd.variance, fill)
     image = np.ascontiguousarray(np.where(covered, coadd.image, 0.0), dtype=np.float32)
@@ -77,7 +77,7 @@ def prepare(band: str, coadd: Exposure, fwhm_guess_px: float = 5.0) -> BandCoadd
     blank = covered & ~maximum_filter(significance(image, variance, fwhm) > DETECTION_SIGMA,
                                       size=int(4 * fwhm) | 1)
     if blank.sum() < 100:
-        raise ValueError(f"{band}-band coadd has no blank sky to measure its noise on")
+        raise CalibrationError(f"{band}-band coadd has no blank sky to measure its noise on")
     image = np.ascontiguousarray(image - sep.Background(image, mask=~blank, bw=128, bh=128).back())
     sig = significance(image, variance, fwhm)[blank]
     scale = float(1.4826 * np.median(np.abs(sig - np.median(sig))))
@@ -120,7 +120,7 @@ def measure_objects(coadds: dict[str, Exposure], tract: int, patch: int) -> Tabl
     for b, e in sorted(coadds.items()):
         try:
             prepared[b] = prepare(b, e)
-        except (ValueError, CalibrationError) as err:
+        except CalibrationError as err:
             skipped[b] = str(err)
     if not prepared:
         raise ValueError("no band's coadd can be measured: " +
