@@ -20,8 +20,6 @@ app = typer.Typer(help="Multi-site Data Release Processing on Prefect and Dask."
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 # a wide table when piped to a file or CI log, the terminal's width otherwise
 console = Console(width=None if sys.stdout.isatty() else 140)
-# Dask's scheduler and nanny INFO lines drown the flow logs; set before distributed is imported
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def _data_dir(data: Path | None) -> Path:

@@ -67,6 +67,19 @@ def local_sites(prefect_api, survey, data_dir) -> str:
     return str(LOCAL_SITES)
 
 
+@pytest.fixture(scope="session")
+def postgres_url():
+    """URL of a database on the PostgreSQL server `make test` starts (.ci/postgres.sh)."""
+    ready = subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0
+    if not ready:
+        reason = "no PostgreSQL on 127.0.0.1:5432 (make test runs .ci/postgres.sh to start one)"
+        if os.environ.get("DRP_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"DRP_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    server = os.environ.get("DRP_TEST_POSTGRES_SERVER", "postgresql://postgres@127.0.0.1:5432")
+    return lambda database: f"{server}/{database}"
+
+
 def have(command: str) -> bool:
     return shutil.which(command) is not None
 

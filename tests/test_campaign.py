@@ -93,7 +93,7 @@ def test_groups_of_visit_ranges_and_tracts(result, local_sites):
 
 
 def test_data_query_chooses_visits_and_tracts(local_sites, survey):
-    from drp_flows.flows.campaign import site_tracts, site_visits
+    from drp_flows.flows.stages import site_tracts, site_visits
 
     _, visits = load_survey(survey)
     first = visits[visits["night"] == 0]

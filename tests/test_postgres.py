@@ -1,29 +1,13 @@
 """A site whose Butler registry is PostgreSQL (the production configuration)."""
 
-import os
-import subprocess
-
-import pytest
 from lsst.daf.butler import Butler, Config
 
 from drp_flows.sites.config import load_sites
 
-URL = os.environ.get("DRP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/drp_test")
 
-
-@pytest.fixture(scope="module")
-def postgres():
-    ready = subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0
-    if not ready:
-        reason = "no PostgreSQL on 127.0.0.1:5432 (make test runs .ci/postgres.sh to start one)"
-        if os.environ.get("DRP_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"DRP_REQUIRE_POSTGRES=1 but {reason}")
-        pytest.skip(reason)
-    return URL
-
-
-def test_postgres_registry_setup_and_campaign(postgres, prefect_api, survey, tmp_path,
+def test_postgres_registry_setup_and_campaign(postgres_url, prefect_api, survey, tmp_path,
                                               one_site_file):
+    postgres = postgres_url("drp_test")
     from drp_flows.flows.campaign import campaign_flow
     from drp_flows.flows.setup import setup_flow
 

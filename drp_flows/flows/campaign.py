@@ -12,74 +12,47 @@ curves per tract); fan-in of the DIA catalogs and moving-object linking at the c
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
+from typing import Literal
 
-from lsst.daf.butler import ButlerUserError
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 
-from drp_flows.datamodel import DEFAULTS, campaign_collection
+from drp_flows.datamodel import campaign_collection
 from drp_flows.flows.stages import (
     STAGES,
+    TRACT_GROUP,
     StepProgress,
     artifact_key,
     chain_run,
     progress_markdown,
-    stage_flow,
+    read_progress,
+    run_stage_groups,
+    site_tracts,
+    site_visits,
+    stage_groups,
 )
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import running_cluster
 from drp_flows.sites.config import LOCAL_SITES, load_sites
-from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
+from drp_flows.tasks.pipeline import LABELS
 from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
 from drp_flows.tasks.qa_association import step5_qa
 from drp_flows.tasks.qa_diffim import step4_qa
 from drp_flows.tasks.qa_objects import object_qa
 from drp_flows.tasks.qa_survey import step7_qa
-from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
+from drp_flows.tasks.skymap import SKYMAP_NAME
 from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
 from drp_flows.tasks.step5 import DIA_CATALOGS
 from drp_flows.tasks.transfer import Ledger, check_embargo, plan_transfer, transfer
-
-
-def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
-    """The visits whose raws a site holds, those the data query `where` selects if given."""
-    butler = open_butler(load_sites(site_file)[site])
-    try:
-        ids = butler.registry.queryDataIds(["visit"], datasets="raw", collections=DEFAULTS,
-                                           instrument=INSTRUMENT, skymap=SKYMAP_NAME, where=where)
-        return sorted({int(d["visit"]) for d in ids})
-    except ButlerUserError as e:
-        raise ValueError(f"data query {where!r} at site {site}: {e}") from None
-
-
-def site_tracts(site_file: str, site: str, where: str = "") -> list[int]:
-    """The tracts of a site's sky share; with a data query, those its selected visits reach."""
-    site_cfg = load_sites(site_file)[site]
-    butler = open_butler(site_cfg)
-    sky = MiniSkymap(**step1.skymap_config(butler))
-    tracts = [t for t in sky.tracts if site_cfg.owns_tract(t, sky.tract_center(t)[1])]
-    if not where:
-        return tracts
-    reached = {int(d["tract"]) for d in butler.registry.queryDataIds(
-        ["visit", "tract"], datasets="raw", collections=DEFAULTS, instrument=INSTRUMENT,
-        skymap=SKYMAP_NAME, where=where)}
-    return [t for t in tracts if t in reached]
-
-
-def make_groups(ids: list[int], size: int, prefix: str = "") -> dict[str, list[int]]:
-    """Groups of at most `size` of the ids in order (visit or tract ranges), named by their
-    first and last id."""
-    if size < 1:
-        raise ValueError(f"group size {size}: must be >= 1")
-    chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
-    return {prefix + "-".join(map(str, sorted({c[0], c[-1]}))): c for c in chunks}
 
 
 def latest_attempt(site_file: str, campaign: str) -> int:
@@ -92,23 +65,28 @@ def latest_attempt(site_file: str, campaign: str) -> int:
 
 
 @task(name="stage at site", cache_policy=NO_CACHE)
-def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address: str,
-                  long_address: str | None, group_size: int, tracts_per_group: int,
-                  batch_size: int, where: str = "", attempt: int = 1) -> list[dict]:
-    """All groups of one stage at one site, scope by scope: one stage flow run per group of
-    visits, per group of the site's tracts, and one for campaign-wide work."""
-    progress = []
-    for scope in STAGES[stage]:
-        if scope == "visit":
-            groups = make_groups(site_visits(site_file, site, where), group_size)
-        elif scope == "tract":
-            groups = make_groups(site_tracts(site_file, site, where), tracts_per_group, "tracts-")
-        else:
-            groups = {"global": []}
-        for name, ids in groups.items():
-            progress += stage_flow(site_file, site, campaign, stage, scope, name, ids, address,
-                                   long_address, attempt=attempt, batch_size=batch_size)
-    return progress
+def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address: str | None,
+                  long_address: str | None, where: str, group_size: int, tracts_per_group: int,
+                  batch_size: int, attempt: int) -> list[dict]:
+    """All groups of one stage at one site: here, on the cluster the campaign started, or,
+    for a site with a deployment, by that deployment's run on the site's own worker."""
+    cfg = load_sites(site_file)[site]
+    if not cfg.deployment:
+        return run_stage_groups(site_file, site, campaign, stage, address, long_address, where,
+                                group_size, tracts_per_group, batch_size, attempt)
+    params = {"site_file": site_file, "site": site, "campaign": campaign, "stage": stage,
+              "where": where, "group_size": group_size, "tracts_per_group": tracts_per_group,
+              "batch_size": batch_size, "attempt": attempt}
+    # one key per campaign flow run: a retry of this task finds the run it started
+    run = run_deployment(cfg.deployment, parameters=params, timeout=None, poll_interval=2,
+                         idempotency_key=f"{flow_run.get_id()}-{stage}-{site}-{attempt}")
+    if not (run.state and run.state.is_completed()):
+        raise RuntimeError(f"{stage} at site {site}: deployment {cfg.deployment} run {run.name} "
+                           f"({run.id}) ended {run.state.name if run.state else 'without a state'}"
+                           "; its logs are in the Prefect UI")
+    groups = [name for _, name, _ in stage_groups(site_file, site, stage, where, group_size,
+                                                   tracts_per_group)]
+    return read_progress(cfg, campaign, stage, groups)
 
 
 @task(name="transfer", cache_policy=NO_CACHE)
@@ -205,8 +183,9 @@ def at_every_site(site_file: str, campaign: str, stage: str, addresses: dict, lo
                   attempt: int, only: str | None = None) -> list[dict]:
     """One stage at every site (or only one), the sites concurrently."""
     futures = [stage_at_site.with_options(name=f"{stage} at {name}").submit(
-        site_file, name, campaign, stage, addresses[name], long_addresses.get(name), group_size,
-        tracts_per_group, batch_size, where, attempt) for name in addresses if only in (None, name)]
+        site_file, name, campaign, stage, addresses.get(name), long_addresses.get(name), where,
+        group_size, tracts_per_group, batch_size, attempt)
+        for name in load_sites(site_file).sites if only in (None, name)]
     return [row for f in futures for row in f.result()]
 
 
@@ -247,22 +226,62 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
     return checks, report
 
 
+Stage = Literal["stage1", "global", "stage2", "stage3", "stage4", "final"]
+
+# The campaign in order: each stage after the movements that bring it its inputs. The global
+# and final stages run at the campaign site only.
+PLAN: list[tuple[Stage, list[tuple[str, Callable, list[str]]]]] = [
+    ("stage1", []),
+    ("global", [("isolated stars and visit summaries in", fan_in,
+                 ["isolated_star", "isolated_star_source", "preliminary_visit_summary"])]),
+    ("stage2", [("global calibration out", fan_out, ["fgcm_photo_calib"])]),
+    ("stage3", [("final visit summaries in", fan_in, ["visit_summary"]),
+                ("boundary visits across", exchange_boundaries,
+                 ["preliminary_visit_image", "visit_summary"])]),
+    ("stage4", []),
+    ("final", [("property maps in", fan_in, list(MAP_TYPES)),
+               ("final catalogs in", fan_in, ["object", *DIA_CATALOGS])]),
+]
+CAMPAIGN_SITE_ONLY = {"global", "final"}
+
+
+def carry_over(site_file: str, campaign: str, earlier: str) -> int:
+    """Chain an earlier campaign's single-frame RUNs (the per-visit steps of stage 1, whose
+    outputs later exposures do not change) into this campaign's chain at every site, so that
+    its planners skip those quanta; returns how many RUNs were chained."""
+    chain = campaign_collection(earlier)
+    steps = {LABELS[label].step for label in STAGES["stage1"]["visit"]}
+    chained = 0
+    for site in load_sites(site_file).sites.values():
+        butler = open_butler(site, writeable=True)
+        for run in (butler.registry.getCollectionChain(chain)
+                    if existing_collections(butler, [chain]) else []):
+            step, *group = run.removeprefix(chain + "/").split("/")
+            if run.startswith(chain + "/") and step in steps and not group[0].startswith(TRACT_GROUP):
+                chain_run(butler, campaign, run)
+                chained += 1
+    return chained
+
+
 @flow(name="drp-campaign", flow_run_name="{campaign}")
-def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
-                  where: str = "", group_size: int = 100, tracts_per_group: int = 10,
-                  batch_size: int = 500, survey: str | None = None, rescue: bool = False) -> dict:
+def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", where: str = "",
+                  stages: list[Stage] | None = None, group_size: int = 100,
+                  tracts_per_group: int = 10, batch_size: int = 500, survey: str | None = None,
+                  rescue: bool = False, reuse: str = "") -> dict:
     """Run the campaign over the sites of the site file: stage 1 everywhere, fan-in, the global
     calibration at the campaign site, fan-out, stages 2-4 everywhere with their fan-ins; then QA
     against the truth of a simulated survey if one is given. Returns progress rows, transfer ledgers,
     quarantined quanta and QA.
 
     `where` is a Butler data query choosing the campaign's visits (e.g. "day_obs = 20251120",
-    "band IN ('g', 'r')", "tract = 0"; default all); the visit steps run in groups of at most
+    "band IN ('g', 'r')", "tract = 0"; default all); `stages` runs only some stages (with the
+    movements before them; default all); the visit steps run in groups of at most
     `group_size` visits, the tract steps in groups of at most `tracts_per_group` tracts.
 
     A re-run resumes in the latest attempt, skipping every finished quantum; `rescue` starts a
     new attempt of every group instead (its own RUN collections, chained in front), which runs
-    only the quanta that failed or are still missing."""
+    only the quanta that failed or are still missing. `reuse` names an earlier campaign whose
+    single-frame outputs this one takes instead of redoing them (the weekly runs do)."""
     logger = get_run_logger()
     sites = load_sites(site_file)
     home = sites.campaign_site
@@ -270,32 +289,28 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo",
     attempt = latest + 1 if rescue else max(latest, 1)
     for name in sites.sites:            # a bad query fails here, naming it, not in a stage
         site_visits(site_file, name, where)
+    if reuse:
+        logger.info("%d single-frame RUNs of campaign %s reused", carry_over(site_file, campaign, reuse),
+                    reuse)
+    chosen = set(stages or STAGES)
+    rows, ledgers = [], []
     with ExitStack() as stack:
+        # a site with a deployment starts its own clusters, at the site
+        here = {name: site for name, site in sites.sites.items() if not site.deployment}
         addresses = {name: stack.enter_context(running_cluster(site.cluster))
-                     for name, site in sites.sites.items()}
+                     for name, site in here.items()}
         long_addresses = {name: stack.enter_context(running_cluster(site.long_cluster))
-                          for name, site in sites.sites.items() if site.long_cluster}
+                          for name, site in here.items() if site.long_cluster}
         logger.info("clusters: %s, long-quantum clusters: %s", addresses, long_addresses)
-        run = partial(at_every_site, site_file, campaign, addresses=addresses,
-                      long_addresses=long_addresses, group_size=group_size,
-                      tracts_per_group=tracts_per_group, batch_size=batch_size, where=where,
-                      attempt=attempt)
-        rows = run("stage1")
-        ledgers = fan_in(site_file, campaign, "isolated stars and visit summaries in",
-                         ["isolated_star", "isolated_star_source", "preliminary_visit_summary"])
-        rows += run("global", only=home)
-        ledgers += fan_out(site_file, campaign, "global calibration out", ["fgcm_photo_calib"])
-        rows += run("stage2")
-        ledgers += fan_in(site_file, campaign, "final visit summaries in", ["visit_summary"])
-        ledgers += exchange_boundaries(site_file, campaign, "boundary visits across",
-                                       ["preliminary_visit_image", "visit_summary"])
-        rows += run("stage3")
-        ledgers += fan_in(site_file, campaign, "property maps in", list(MAP_TYPES))
-        rows += run("stage4")
-        ledgers += fan_in(site_file, campaign, "final catalogs in", ["object", *DIA_CATALOGS])
-        rows += run("final", only=home)
-    table = progress_markdown([StepProgress(**{k: v for k, v in r.items() if k != "percent"})
-                               for r in rows])
+        for stage, movements in PLAN:
+            if stage not in chosen:
+                continue
+            for movement, move, dataset_types in movements:
+                ledgers += move(site_file, campaign, movement, dataset_types)
+            rows += at_every_site(site_file, campaign, stage, addresses, long_addresses,
+                                  group_size, tracts_per_group, batch_size, where, attempt,
+                                  only=home if stage in CAMPAIGN_SITE_ONLY else None)
+    table = progress_markdown([StepProgress.from_row(r) for r in rows])
     create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"
                              f"## Transfers\n\n{ledger_markdown(ledgers)}\n",
                              key=artifact_key(f"campaign-{campaign}"),

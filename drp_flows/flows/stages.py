@@ -12,10 +12,11 @@ import json
 import re
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 from distributed import Client
-from lsst.daf.butler import Butler, CollectionType
+from lsst.daf.butler import Butler, ButlerUserError, CollectionType
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -23,12 +24,15 @@ from prefect.futures import as_completed
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
 from drp_flows.sites.butler import open_butler
+from drp_flows.sites.clusters import running_cluster
 from drp_flows.sites.config import SiteConfig, load_sites
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks import step1, step2, step3, step4, step5, step7
+from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.pipeline import LABELS
 from drp_flows.tasks.quanta import Quantum, QuantumResult, cluster_quanta, run_batch
 from drp_flows.tasks.register import Registration, register_outputs
+from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 
 # What each stage runs, by scope, in order. A scope says what a group of the stage is: a range
 # of visits, the site's tracts, or (at the campaign site) the whole campaign.
@@ -43,6 +47,8 @@ STAGES = {
     "final": {"campaign": [step5.LINK, step7.CONSOLIDATE_MAPS, step7.PLOT_MAPS]},
 }
 
+TRACT_GROUP = "tracts-"     # the prefix of tract groups' names; visit groups are visit ranges
+
 
 @dataclass
 class StepProgress:
@@ -51,6 +57,7 @@ class StepProgress:
     site: str
     step: str
     group: str
+    stage: str = ""
     total: int = 0
     done: int = 0
     failed: int = 0
@@ -68,8 +75,12 @@ class StepProgress:
         return 100.0 * finished / self.total if self.total else 100.0
 
     def row(self) -> dict:
-        """What a stage flow returns and `drp status` reads, failures aside."""
-        return {k: v for k, v in asdict(self).items() if k != "failures"} | {"percent": self.percent}
+        """What a stage flow returns, writes beside the site's repository and `drp status` reads."""
+        return asdict(self) | {"percent": self.percent}
+
+    @classmethod
+    def from_row(cls, row: dict) -> StepProgress:
+        return cls(**{k: v for k, v in row.items() if k != "percent"})
 
     def finish(self) -> None:
         """The state once the step has run: failed or blocked quanta say so first; a later
@@ -113,6 +124,56 @@ def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: 
                                           "error": r.error, "inputs": r.inputs.get("raw", "")})
 
 
+def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
+    """The visits whose raws a site holds, those the data query `where` selects if given."""
+    butler = open_butler(load_sites(site_file)[site])
+    try:
+        ids = butler.registry.queryDataIds(["visit"], datasets="raw", collections=DEFAULTS,
+                                           instrument=INSTRUMENT, skymap=SKYMAP_NAME, where=where)
+        return sorted({int(d["visit"]) for d in ids})
+    except ButlerUserError as e:
+        raise ValueError(f"data query {where!r} at site {site}: {e}") from None
+
+
+def site_tracts(site_file: str, site: str, where: str = "") -> list[int]:
+    """The tracts of a site's sky share; with a data query, those its selected visits reach."""
+    site_cfg = load_sites(site_file)[site]
+    butler = open_butler(site_cfg)
+    sky = MiniSkymap(**step1.skymap_config(butler))
+    tracts = [t for t in sky.tracts if site_cfg.owns_tract(t, sky.tract_center(t)[1])]
+    if not where:
+        return tracts
+    reached = {int(d["tract"]) for d in butler.registry.queryDataIds(
+        ["visit", "tract"], datasets="raw", collections=DEFAULTS, instrument=INSTRUMENT,
+        skymap=SKYMAP_NAME, where=where)}
+    return [t for t in tracts if t in reached]
+
+
+def make_groups(ids: list[int], size: int, prefix: str = "") -> dict[str, list[int]]:
+    """Groups of at most `size` of the ids in order (visit or tract ranges), named by their
+    first and last id."""
+    if size < 1:
+        raise ValueError(f"group size {size}: must be >= 1")
+    chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
+    return {prefix + "-".join(map(str, sorted({c[0], c[-1]}))): c for c in chunks}
+
+
+def stage_groups(site_file: str, site: str, stage: str, where: str, group_size: int,
+                 tracts_per_group: int) -> list[tuple[str, str, list[int]]]:
+    """(scope, group name, ids) of every group of one stage at one site, scope by scope:
+    visit ranges, ranges of the site's tracts, or the one campaign-wide group."""
+    groups = []
+    for scope in STAGES[stage]:
+        if scope == "visit":
+            named = make_groups(site_visits(site_file, site, where), group_size)
+        elif scope == "tract":
+            named = make_groups(site_tracts(site_file, site, where), tracts_per_group, TRACT_GROUP)
+        else:
+            named = {"global": []}
+        groups += [(scope, name, ids) for name, ids in named.items()]
+    return groups
+
+
 def chain_run(butler: Butler, campaign: str, run: str) -> None:
     """Put a group attempt's RUN in front of the campaign's chain (created if new)."""
     chain = campaign_collection(campaign)
@@ -126,17 +187,21 @@ def chain_run(butler: Butler, campaign: str, run: str) -> None:
 def write_progress(site: SiteConfig, campaign: str, stage: str, group: str,
                    progress: list[StepProgress]) -> None:
     """The group's rows as `drp status` reads them, rewritten as each step starts and ends."""
-    rows = [p.row() | {"stage": stage} for p in progress]
+    rows = [p.row() for p in progress]
     with site.store.open(site.store.join("reports", campaign, "progress", f"{stage}-{group}.json"),
                          "wb") as f:
         f.write(json.dumps(rows, indent=1).encode())
 
 
-def read_progress(site: SiteConfig, campaign: str) -> list[dict]:
-    """Every group's rows written at a site for a campaign (latest write of each)."""
+def read_progress(site: SiteConfig, campaign: str, stage: str | None = None,
+                  groups: list[str] | None = None) -> list[dict]:
+    """The rows written at a site for a campaign (latest write of each group), of every stage
+    and group or only of the given stage's given groups."""
     folder = site.store.path(site.store.join("reports", campaign, "progress"))
+    names = ["*"] if groups is None else [f"{stage}-{g}" for g in groups]
+    paths = sorted({p for name in names for p in site.store.fs.glob(f"{folder}/{name}.json")})
     rows = []
-    for path in sorted(site.store.fs.glob(folder + "/*.json")):
+    for path in paths:
         with site.store.fs.open(path, "rb") as f:
             rows += json.loads(f.read())
     return rows
@@ -177,7 +242,8 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
     butler = open_butler(site_cfg, writeable=True)
     config = {"camera": step1.camera_config(butler), "skymap": step1.skymap_config(butler)}
     done_in = [campaign_collection(campaign)]
-    progress = [StepProgress(site, label, group, attempt=attempt) for label in STAGES[stage][scope]]
+    progress = [StepProgress(site, label, group, stage, attempt=attempt)
+                for label in STAGES[stage][scope]]
     write_progress(site_cfg, campaign, stage, group, progress)
     for p in progress:
         spec = LABELS[p.step]
@@ -203,4 +269,36 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
     if failed:
         logger.warning("site %s group %s: %d quanta failed, quarantined in %s",
                        site, group, failed, report)
-    return [p.row() | {"failures": p.failures} for p in progress]
+    return [p.row() for p in progress]
+
+
+def run_stage_groups(site_file: str, site: str, campaign: str, stage: str, address: str,
+                     long_address: str | None, where: str, group_size: int,
+                     tracts_per_group: int, batch_size: int, attempt: int) -> list[dict]:
+    """One stage flow run per group of the stage at one site, in order."""
+    rows = []
+    for scope, name, ids in stage_groups(site_file, site, stage, where, group_size,
+                                         tracts_per_group):
+        rows += stage_flow(site_file, site, campaign, stage, scope, name, ids, address,
+                           long_address, attempt=attempt, batch_size=batch_size)
+    return rows
+
+
+def needs_long_cluster(stage: str) -> bool:
+    return any(LABELS[label].long for labels in STAGES[stage].values() for label in labels)
+
+
+@flow(name="drp-site-stage", flow_run_name="{campaign}-{stage}-{site}")
+def site_stage_flow(site_file: str, site: str, campaign: str, stage: str, where: str = "",
+                    group_size: int = 100, tracts_per_group: int = 10, batch_size: int = 500,
+                    attempt: int = 1) -> list[dict]:
+    """One stage of a campaign at one site, as the site's own deployment: run by the worker
+    of the site's work pool, at the site, it starts the site's cluster there (and its
+    long-quantum cluster if the stage has long quanta), runs every group and stops them."""
+    cfg = load_sites(site_file)[site]
+    with ExitStack() as stack:
+        address = stack.enter_context(running_cluster(cfg.cluster))
+        long_address = (stack.enter_context(running_cluster(cfg.long_cluster))
+                        if cfg.long_cluster and needs_long_cluster(stage) else None)
+        return run_stage_groups(site_file, site, campaign, stage, address, long_address, where,
+                                group_size, tracts_per_group, batch_size, attempt)

@@ -70,6 +70,10 @@ class SiteConfig(BaseModel):
     butler: ButlerConfig = Field(default_factory=ButlerConfig)
     embargo: bool = False
     sky: SkyShare = Field(default_factory=SkyShare)
+    deployment: str | None = Field(
+        None, pattern=r"^[^/]+/[^/]+$",
+        description="Prefect deployment (flow/name) that runs this site's stages on the worker "
+                    "of the site's own work pool; unset, the campaign's process runs them")
 
     @field_validator("storage")
     @classmethod
