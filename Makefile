@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/build/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 
-.PHONY: env demo test bench lint slurm services clean
+.PHONY: env demo test bench lint slurm services chromium clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -37,7 +37,11 @@ services:
 slurm:
 	@bash .ci/slurm.sh || echo "make test: no Slurm here; the Slurm test will be skipped"
 
-test: env slurm services | $(PREFECT_HOME)
+# Debian's Chromium and ChromeDriver for the UI test, when this machine allows it (root, Debian).
+chromium:
+	@bash .ci/chromium.sh || echo "make test: no Chromium here; the UI test will be skipped"
+
+test: env slurm services chromium | $(PREFECT_HOME)
 	$(VENV)/bin/python -m pytest -ra
 
 bench: env | $(PREFECT_HOME)

@@ -6,12 +6,19 @@ import os
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table as RichTable
 
 from drp_flows.sites.config import LOCAL_SITES
@@ -20,6 +27,7 @@ app = typer.Typer(help="Multi-site Data Release Processing on Prefect and Dask."
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 # a wide table when piped to a file or CI log, the terminal's width otherwise
 console = Console(width=None if sys.stdout.isatty() else 140)
+POLL_SECONDS = 2.0    # how often live bars re-read the sites' progress files
 
 
 def _data_dir(data: Path | None) -> Path:
@@ -62,14 +70,16 @@ def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
              tracts_per_group: Annotated[int, typer.Option(help="tracts per group at most")] = 10,
              batch_size: int = 500, rescue: bool = False):
     """Run a campaign over the sites (QA against truth when --survey is given); a re-run
-    resumes it, skipping every finished quantum."""
+    resumes it, skipping every finished quantum. In a terminal, a bar per site and stage
+    follows the quanta as they finish."""
     from drp_flows.flows.campaign import campaign_flow
 
     _data_dir(data)
     start = time.perf_counter()
-    result = campaign_flow(str(sites), name, where=where, group_size=group_size,
-                           tracts_per_group=tracts_per_group, batch_size=batch_size,
-                           survey=str(survey.resolve()) if survey else None, rescue=rescue)
+    with live_progress(sites, name):
+        result = campaign_flow(str(sites), name, where=where, group_size=group_size,
+                               tracts_per_group=tracts_per_group, batch_size=batch_size,
+                               survey=str(survey.resolve()) if survey else None, rescue=rescue)
     print_summary(result, time.perf_counter() - start)
 
 
@@ -84,13 +94,20 @@ def rescue_command(name: str, sites: Path = LOCAL_SITES, survey: Path | None = N
 
 
 @app.command()
-def status(name: str, sites: Path = LOCAL_SITES, data: Path | None = None):
+def status(name: str, sites: Path = LOCAL_SITES, data: Path | None = None,
+           watch: Annotated[bool, typer.Option(help="bars per site and stage until the "
+                                                    "campaign ends (Ctrl-C stops watching)")] = False):
     """Where a campaign stands, from what its stage flows record at every site as they run."""
-    from drp_flows.flows.stages import read_progress
+    from drp_flows.flows.campaign import read_summary
     from drp_flows.sites.config import load_sites
 
     _data_dir(data)
-    rows = [r for site in load_sites(sites).sites.values() for r in read_progress(site, name)]
+    cfg = load_sites(sites)
+    if watch:
+        with suppress(KeyboardInterrupt), live_progress(sites, name, force=True):
+            while read_summary(cfg[cfg.campaign_site], name) is None:
+                time.sleep(POLL_SECONDS)
+    rows = progress_rows(sites, name)
     if not rows:
         console.print(f"no progress recorded for campaign {name!r} at the sites of {sites}")
         raise typer.Exit(1)
@@ -99,6 +116,79 @@ def status(name: str, sites: Path = LOCAL_SITES, data: Path | None = None):
         groups = sorted({(r["site"], r["step"], r["group"]) for r in rows if r["state"] == state})
         if groups:
             console.print(f"{state}: " + ", ".join(f"{s} {st} {g}" for s, st, g in groups))
+
+
+@app.command()
+def report(name: str, sites: Path = LOCAL_SITES, data: Path | None = None):
+    """A finished campaign's report, as its campaign site keeps it.
+
+    Progress per site, step and group, the transfers, the quarantined quanta, and QA against
+    truth with where its plots are."""
+    from drp_flows.flows.campaign import read_summary
+    from drp_flows.sites.config import load_sites
+
+    _data_dir(data)
+    cfg = load_sites(sites)
+    result = read_summary(cfg[cfg.campaign_site], name)
+    if result is None:
+        console.print(f"campaign {name!r} has no report at {cfg.campaign_site} (the campaign site "
+                      f"of {sites}): it has not finished; `drp status {name}` shows where it stands")
+        raise typer.Exit(1)
+    print_summary(result, result["seconds"])
+
+
+@app.command()
+def workers(sites: Path = Path("deployments/sites.yaml"),
+            prefect_file: Path = Path("deployments/prefect.yaml"), data: Path | None = None):
+    """Start a Prefect worker for every site's work pool, here, until Ctrl-C.
+
+    The pools are those of the site deployments the site file names (in the prefect file),
+    created as process pools if missing: what each site runs on its own submit host, for all
+    sites on one machine."""
+    import subprocess
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from drp_flows.sites.config import load_sites
+
+    _data_dir(data)              # the workers' flow runs read the site file with it
+    pools = {d["name"]: d["work_pool"]["name"]
+             for d in yaml.safe_load(prefect_file.read_text())["deployments"] if d.get("work_pool")}
+    wanted = {}
+    for site_name, site in load_sites(sites).sites.items():
+        if site.deployment:
+            deployment = site.deployment.split("/")[1]
+            if deployment not in pools:
+                console.print(f"site {site_name}: deployment {site.deployment!r} has no work pool "
+                              f"in {prefect_file}")
+                raise typer.Exit(2)
+            wanted[site_name] = pools[deployment]
+    if not wanted:
+        console.print(f"no site of {sites} names a deployment: its stages run in the campaign")
+        raise typer.Exit(2)
+    with get_client(sync_client=True) as client:
+        for pool in sorted(set(wanted.values())):
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                console.print(f"work pool {pool} created (process)")
+    prefect = Path(sys.executable).with_name("prefect")
+    procs = [subprocess.Popen([str(prefect), "worker", "start", "--pool", pool])
+             for pool in sorted(set(wanted.values()))]
+    console.print("workers: " + ", ".join(f"{s} on {p}" for s, p in wanted.items()))
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:      # the workers got the same Ctrl-C: give them time to stop
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @app.command()
@@ -112,6 +202,68 @@ def demo(data: Path | None = None, ccd_size: int = 512, nights: int = 3,
     campaign(name, LOCAL_SITES, survey, data)
     console.print(f"\nInspect with Rubin's tools, e.g.\n  butler query-datasets {data}/usdf/repo "
                   f"visit_summary --collections ComCamSim/runs/{name}")
+
+
+def progress_rows(sites: Path, name: str) -> list[dict]:
+    from drp_flows.flows.stages import read_progress
+    from drp_flows.sites.config import load_sites
+
+    return [r for site in load_sites(sites).sites.values() for r in read_progress(site, name)]
+
+
+@contextmanager
+def live_progress(sites: Path, name: str, force: bool = False):
+    """A bar per site and stage, from the progress files the stage flows write, refreshed
+    while the block runs: in a terminal only (or `force`), with Prefect's console log lines
+    printed above the bars instead of through them."""
+    if not (force or console.is_terminal):
+        yield
+        return
+    import logging
+    import threading
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
+                    console=Console(markup=False, highlight=False), refresh_per_second=2)
+    handlers = {h for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                for h in getattr(logger, "handlers", []) if isinstance(h, PrefectConsoleHandler)}
+    consoles = {h: h.console for h in handlers}
+    stop = threading.Event()
+
+    def refresh():
+        """Read the rows until the block ends, and once more after (the final state)."""
+        tasks = {}
+        while True:
+            stages = defaultdict(lambda: {"total": 0, "finished": 0, "step": ""})
+            for r in progress_rows(sites, name):
+                s = stages[f"{r['site']} {r['stage']}"]
+                s["total"] += r["total"]
+                s["finished"] += r["done"] + r["skipped"] + r["failed"] + r["blocked"]
+                if r["state"] == "running":
+                    s["step"] = r["step"]
+            for key, s in stages.items():
+                if key not in tasks:
+                    tasks[key] = bars.add_task(key, total=None, step="")
+                bars.update(tasks[key], total=s["total"] or None, completed=s["finished"],
+                            step=s["step"])
+            if stop.is_set():
+                return
+            stop.wait(POLL_SECONDS)
+
+    thread = threading.Thread(target=refresh, daemon=True)
+    with bars:
+        for h in handlers:
+            h.console = bars.console
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            for h, c in consoles.items():
+                h.console = c
 
 
 def progress_table(rows: list[dict], title: str) -> RichTable:

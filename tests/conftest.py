@@ -135,3 +135,14 @@ def s3_credentials(monkeypatch_session):
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch_session.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def sqlite_ops(survey, tmp_path_factory):
+    """A real `prefect server` (SQLite) with a pool and worker per site and the deployments,
+    after `prefect deployment run drp-campaign/campaign` of a small campaign `ops1`: its
+    environment and the campaign's flow run (tests/test_deployments.py, tests/test_ui.py)."""
+    from prefect_ops import SITE_FILE, operations, run_campaign
+
+    with operations(tmp_path_factory.mktemp("ops")) as env:
+        yield env, run_campaign(env, survey, SITE_FILE, "ops1")

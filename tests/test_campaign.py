@@ -3,6 +3,7 @@ everywhere, fan-in, global calibration at usdf, fan-out, stages 2-4 everywhere w
 fan-ins, DIA objects, moving objects at usdf, QA."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -207,6 +208,25 @@ def test_qa_against_truth(result):
     survey = [c for c in result["qa"] if c["metric"].startswith("survey")]
     assert len(survey) == 2 and all(c["pass"] for c in survey), survey
     assert result["qa_report"].endswith("qa.md")
+
+
+def test_report_of_the_finished_campaign(result, local_sites):
+    """`drp report` reads what the campaign left at its campaign site: the same progress,
+    transfers, quarantined CCD and QA as the run returned."""
+    from typer.testing import CliRunner
+
+    from drp_flows.cli import app
+
+    out = CliRunner().invoke(app, ["report", CAMPAIGN, "--sites", local_sites])
+    assert out.exit_code == 0, out.output
+    for check in result["qa"]:
+        assert check["metric"] in out.output
+    assert f"QA report: {result['qa_report']}" in out.output
+    assert "boundary visits across" in out.output and "fgcmFitCycle" in out.output
+    (bad,) = result["quarantined"]
+    assert f"quarantined calibrateImage {bad['data_id']}" in out.output
+    none = CliRunner().invoke(app, ["report", "no-such-campaign", "--sites", local_sites])
+    assert none.exit_code == 1 and "has not finished" in none.output
 
 
 def test_global_calibration_moved_and_applied(result, local_sites):
@@ -471,6 +491,12 @@ def test_status_shows_every_group(result, local_sites):
     for text in ("calibrateImage", "fgcmFitCycle", "drpDiaCalculation", "usdf", "frdf", "ukdf"):
         assert text in out.output
     assert "failed: frdf calibrateImage" in out.output          # the quarantined CCD
+    # --watch: bars per site and stage until the campaign has ended (here it has)
+    watched = CliRunner().invoke(app, ["status", CAMPAIGN, "--sites", local_sites, "--watch"])
+    assert watched.exit_code == 0, watched.output
+    stage1 = sum(r["total"] for r in result["progress"]
+                 if r["site"] == "frdf" and r["stage"] == "stage1")
+    assert re.search(rf"frdf stage1 .* {stage1}/{stage1}", watched.output), watched.output
     none = CliRunner().invoke(app, ["status", "no-such-campaign", "--sites", local_sites])
     assert none.exit_code == 1 and "no progress recorded" in none.output
 

@@ -1,161 +1,134 @@
-"""Operations end to end, with the README's commands: a real `prefect server`, a process work
-pool and a worker per site, the deployments of deployments/prefect.yaml, and `prefect deployment
-run 'drp-campaign/campaign'` of a small three-site campaign whose every stage runs as a run of
-its site's deployment on its site's worker (Prefect API on SQLite)."""
+"""Operations end to end, with the README's commands (tests/prefect_ops.py): a real `prefect
+server`, a process work pool and a worker per site, the deployments of
+deployments/prefect.yaml; `prefect deployment run 'drp-campaign/campaign'` of a small
+three-site campaign whose every stage runs as a run of its site's deployment on its site's
+worker, with the Prefect API on SQLite and again with it and the Butler registries on
+PostgreSQL; the weekly deployment's schedule, and two weekly runs a week apart."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import pytest
-import requests
+import yaml
+from astropy.time import Time
+from lsst.daf.butler import Config
 
+from drp_flows.flows.stages import read_progress, site_visits
+from drp_flows.flows.weekly import released_query, weekly_name
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SITES = ("usdf", "frdf", "ukdf")
-WHERE = "tract IN (0, 2, 4)"        # a small campaign: one tract a site and the visits on it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run(env: dict, *args: str, timeout: float = 300) -> str:
-    """One command line as the README gives it; its output, or a failure showing it."""
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Prefect's server and workers stop on SIGINT (a worker ignores SIGTERM for a while)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@contextmanager
-def operations(tmp: Path, database_url: str | None = None):
-    """A Prefect server with its own home (and database), the drp-<site> work pools and a
-    worker on each; yields the environment the commands run in."""
-    port = free_port()
-    env = os.environ | {"PREFECT_HOME": str(tmp / "prefect"), "DRP_DATA": str(tmp / "data"),
-                        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5"}
-    env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL", None)
-    if database_url:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-    procs = []
-    logs = tmp / "logs"
-    logs.mkdir(parents=True)
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        out = open(logs / f"{name}.log", "w")
-        procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env,
-                                      stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-        return procs[-1]
-
-    try:
-        server = start("server", "prefect", "server", "start", "--host", "127.0.0.1",
-                       "--port", str(port))
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{env['PREFECT_API_URL']}/health", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prefect server did not answer in 3 minutes"
-            time.sleep(0.5)
-        for site in SITES:
-            run(env, "prefect", "work-pool", "create", f"drp-{site}", "--type", "process")
-            start(f"worker-{site}", "prefect", "worker", "start", "--pool", f"drp-{site}")
-        run(env, "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
-            "deployments/prefect.yaml")
-        yield env
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-
-
-def api(env: dict, method: str, path: str, body: dict | None = None):
-    response = requests.request(method, env["PREFECT_API_URL"] + path, json=body, timeout=30)
-    response.raise_for_status()
-    return response.json()
-
-
-def run_campaign(env: dict, survey: Path, site_file: str, campaign: str) -> dict:
-    """Set the sites up, run the campaign deployment and wait for it; its flow run."""
-    run(env, "drp", "setup", str(survey), "--sites", site_file, timeout=900)
-    run(env, "prefect", "deployment", "run", "drp-campaign/campaign", "--param",
-        f"site_file={site_file}", "--param", f"campaign={campaign}", "--param",
-        f"where={WHERE}", "--param", "group_size=4", "--watch", "--watch-timeout", "1500",
-        timeout=1600)
-    (flow_run,) = api(env, "POST", "/flow_runs/filter", {"flow_runs": {"name": {"any_": [campaign]}}})
-    return flow_run
-
-
-def check_campaign(env: dict, site_file: str, campaign: str, flow_run: dict) -> None:
-    """What an operator checks: the run completed; every stage at every site ran as a run of
-    the site's deployment on its pool; the Butler at every site holds the outputs; the
-    progress and transfer artifacts are there."""
-    assert flow_run["state_type"] == "COMPLETED", flow_run["state"]
-    runs = api(env, "POST", "/flow_runs/filter", {"flow_runs": {"name": {"like_": f"{campaign}-"}}})
-    deployments = {d["id"]: d["name"] for d in api(env, "POST", "/deployments/filter", {})}
-    staged = {(r["parameters"]["site"], r["parameters"]["stage"]): r for r in runs
-              if r["parameters"].get("site")}
-    expected = {(s, st) for s in SITES for st in ("stage1", "stage2", "stage3", "stage4")} | {
-        ("usdf", "global"), ("usdf", "final")}
-    assert set(staged) == expected
-    for (site, _), r in staged.items():
-        assert deployments[r["deployment_id"]] == site and r["work_pool_name"] == f"drp-{site}"
-        assert r["state_type"] == "COMPLETED", (r["name"], r["state"])
-    sites = load_sites(site_file, DRP_DATA=env["DRP_DATA"])
-    collection = f"ComCamSim/runs/{campaign}"
-    for name, site in sites.sites.items():
-        butler = open_butler(site)
-        for dataset_type in ("preliminary_visit_image", "visit_summary", "deep_coadd",
-                             "dia_object"):
-            assert list(butler.registry.queryDatasets(dataset_type, collections=collection)), \
-                (name, dataset_type)
-    home = open_butler(sites["usdf"])
-    assert list(home.registry.queryDatasets("ss_object", collections=collection))
-    keys = {a["key"] for a in api(env, "POST", "/artifacts/filter", {})}
-    for site in SITES:
-        assert any(k.startswith(f"progress-{campaign}-{site}-stage4-") for k in keys), keys
-    assert f"transfer-{campaign}-final-catalogs-in-frdf-usdf" in keys, keys
-    assert f"campaign-{campaign}" in keys
-
-
-@pytest.fixture(scope="module")
-def sqlite_ops(survey, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ops")
-    with operations(tmp) as env:
-        flow_run = run_campaign(env, survey, "deployments/sites.yaml", "ops1")
-        yield env, flow_run
+from drp_flows.tasks.simulate import FIRST_NIGHT_MJD
+from prefect_ops import (
+    ROOT,
+    SITE_FILE,
+    SITES,
+    WHERE,
+    api,
+    check_campaign,
+    deployment_run,
+    flow_run_named,
+    operations,
+    run_campaign,
+)
 
 
 @pytest.mark.timeout(1800)
 def test_deployment_run_completes_three_site_campaign(sqlite_ops):
     env, flow_run = sqlite_ops
-    check_campaign(env, "deployments/sites.yaml", "ops1", flow_run)
+    check_campaign(env, SITE_FILE, "ops1", flow_run)
+
+
+def test_weekly_deployment_is_scheduled_mondays_0600_utc(sqlite_ops):
+    """The server's scheduler has put the weekly runs on the next Mondays at 06:00 UTC, a week
+    apart, each with the deployment's site file and no `as_of` (the run takes its own time)."""
+    env, _ = sqlite_ops
+    (weekly,) = [d for d in api(env, "POST", "/deployments/filter", {}) if d["name"] == "weekly"]
+    (schedule,) = weekly["schedules"]
+    assert schedule["active"] and schedule["schedule"]["cron"] == "0 6 * * 1"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    runs = api(env, "POST", "/flow_runs/filter", {
+        "deployments": {"id": {"any_": [weekly["id"]]}}, "flow_runs": {"state": {"type": {
+            "any_": ["SCHEDULED"]}}}, "sort": "EXPECTED_START_TIME_ASC"})
+    times = [datetime.fromisoformat(r["expected_start_time"]) for r in runs]
+    assert len(times) >= 3, runs
+    created = datetime.fromisoformat(weekly["created"])
+    monday = (created + timedelta(days=(7 - created.weekday()) % 7)).replace(
+        hour=6, minute=0, second=0, microsecond=0)
+    first = monday if monday > created else monday + timedelta(days=7)
+    assert times == [first + timedelta(weeks=k) for k in range(len(times))], (created, times)
+    assert all(r["auto_scheduled"] and r["parameters"] == {"site_file": SITE_FILE} for r in runs)
+    weeks = [weekly_name(t) for t in times]
+    assert len(set(weeks)) == len(weeks), weeks     # one campaign w_YYYY_WW a run
+
+
+def calibrated(site, campaign: str) -> dict:
+    """A campaign's calibrateImage quanta at a site: done, skipped (found done), failed."""
+    rows = [r for r in read_progress(site, campaign, "stage1") if r["step"] == "calibrateImage"]
+    return {k: sum(r[k] for r in rows) for k in ("done", "skipped", "failed")}
+
+
+@pytest.mark.timeout(1800)
+def test_weekly_runs_take_released_exposures_and_redo_nothing(sqlite_ops, tmp_path, monkeypatch):
+    """Two weekly runs of stage 1, a week apart, with a 24-hour embargo: the first has the
+    first night only (the second is under embargo), the second takes the second night too and
+    reuses every single frame of the first instead of redoing it."""
+    env, _ = sqlite_ops
+    monkeypatch.setenv("DRP_DATA", env["DRP_DATA"])
+    site_file = tmp_path / "sites.yaml"
+    site_file.write_text((ROOT / SITE_FILE).read_text() + "embargo: {hours: 24}\n")
+    night2 = Time(FIRST_NIGHT_MJD + 1, format="mjd").to_datetime(timezone=UTC)
+    week1 = night2 + timedelta(hours=24)      # the second night still under embargo
+    week2 = week1 + timedelta(weeks=1)
+    for as_of in (week1, week2):
+        deployment_run(env, "drp-weekly/weekly", timeout=1200, site_file=str(site_file),
+                       as_of=as_of.isoformat(), where=WHERE, stages='["stage1"]')
+        assert flow_run_named(env, f"weekly-{weekly_name(as_of)}")["state_type"] == "COMPLETED"
+    first, second = weekly_name(week1), weekly_name(week2)
+    assert (first, second) == ("w_2025_47", "w_2025_48")
+    sites = load_sites(site_file)
+    for site in SITES:
+        released = [set(site_visits(str(site_file), site, f"{released_query(str(site_file), t)} "
+                                                         f"AND ({WHERE})")) for t in (week1, week2)]
+        assert released[0] and released[0] < released[1], (site, released)
+        assert calibrated(sites[site], first) == {"done": 9 * len(released[0]), "skipped": 0,
+                                                  "failed": 0}, site
+        assert calibrated(sites[site], second) == {"done": 9 * len(released[1] - released[0]),
+                                                   "skipped": 9 * len(released[0]), "failed": 0}, site
+        butler = open_butler(sites[site])
+        images = {int(r.dataId["visit"]) for r in butler.registry.queryDatasets(
+            "preliminary_visit_image", collections=f"ComCamSim/runs/{second}")}
+        assert images == released[1], site
+
+
+@pytest.fixture(scope="module")
+def postgres_ops(postgres_url, survey, tmp_path_factory):
+    """The same operations with the Prefect API database and every site's Butler registry on
+    PostgreSQL (a fresh database for the server; a schema per site in drp_test), the pools
+    and workers started by `drp workers`."""
+    database = "drp_prefect_ops"
+    for sql in (f"DROP DATABASE IF EXISTS {database} WITH (FORCE)", f"CREATE DATABASE {database}"):
+        subprocess.run(["psql", postgres_url("postgres"), "-qc", sql], check=True)
+    tmp = tmp_path_factory.mktemp("ops-pg")
+    sites = yaml.safe_load((ROOT / SITE_FILE).read_text())
+    for site in sites["sites"].values():
+        site["butler"] = {"registry": postgres_url("drp_test")}
+    site_file = tmp / "sites.yaml"
+    site_file.write_text(yaml.safe_dump(sites))
+    server_db = postgres_url(database).replace("postgresql://", "postgresql+asyncpg://")
+    with operations(tmp, database_url=server_db, site_file=str(site_file)) as env:
+        yield env, str(site_file), run_campaign(env, survey, str(site_file), "ops2"), database
+
+
+@pytest.mark.timeout(1800)
+def test_postgres_deployment_run_completes_three_site_campaign(postgres_ops, postgres_url):
+    env, site_file, flow_run, database = postgres_ops
+    check_campaign(env, site_file, "ops2", flow_run)
+    # and it was PostgreSQL underneath: the server's flow runs, every site's registry
+    count = subprocess.run(["psql", postgres_url(database), "-tAc",
+                            "SELECT count(*) FROM flow_run WHERE name LIKE 'ops2%'"],
+                           check=True, capture_output=True, text=True).stdout
+    assert int(count) > len(SITES) * 4
+    for site in load_sites(site_file, DRP_DATA=env["DRP_DATA"]).sites.values():
+        assert Config(f"{site.repo_dir}/butler.yaml")["registry", "db"] == postgres_url("drp_test")

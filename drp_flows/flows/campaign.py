@@ -11,7 +11,9 @@ curves per tract); fan-in of the DIA catalogs and moving-object linking at the c
 
 from __future__ import annotations
 
+import json
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -40,7 +42,7 @@ from drp_flows.flows.stages import (
 )
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import running_cluster
-from drp_flows.sites.config import LOCAL_SITES, load_sites
+from drp_flows.sites.config import LOCAL_SITES, SiteConfig, load_sites
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.pipeline import LABELS
 from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
@@ -282,6 +284,7 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
     new attempt of every group instead (its own RUN collections, chained in front), which runs
     only the quanta that failed or are still missing. `reuse` names an earlier campaign whose
     single-frame outputs this one takes instead of redoing them (the weekly runs do)."""
+    start = time.perf_counter()
     logger = get_run_logger()
     sites = load_sites(site_file)
     home = sites.campaign_site
@@ -289,6 +292,7 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
     attempt = latest + 1 if rescue else max(latest, 1)
     for name in sites.sites:            # a bad query fails here, naming it, not in a stage
         site_visits(site_file, name, where)
+    sites[home].store.rm(summary_uri(sites[home], campaign))   # running: no report until done
     if reuse:
         logger.info("%d single-frame RUNs of campaign %s reused", carry_over(site_file, campaign, reuse),
                     reuse)
@@ -321,4 +325,25 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
               "qa": [], "qa_report": None}
     if survey:
         result["qa"], result["qa_report"] = qa_task(site_file, campaign, survey)
+    result["seconds"] = time.perf_counter() - start
+    write_summary(sites[home], result)
     return result
+
+
+def summary_uri(site: SiteConfig, campaign: str) -> str:
+    return site.store.join("reports", campaign, "campaign.json")
+
+
+def write_summary(site: SiteConfig, result: dict) -> None:
+    """The campaign's result at the campaign site, where `drp report` reads it."""
+    with site.store.open(summary_uri(site, result["campaign"]), "wb") as f:
+        f.write(json.dumps(result, indent=1, default=str).encode())
+
+
+def read_summary(site: SiteConfig, campaign: str) -> dict | None:
+    """What a finished campaign wrote (None before it finished)."""
+    uri = summary_uri(site, campaign)
+    if not site.store.exists(uri):
+        return None
+    with site.store.open(uri) as f:
+        return json.loads(f.read())

@@ -175,13 +175,14 @@ def stage_groups(site_file: str, site: str, stage: str, where: str, group_size: 
 
 
 def chain_run(butler: Butler, campaign: str, run: str) -> None:
-    """Put a group attempt's RUN in front of the campaign's chain (created if new)."""
+    """Put a group attempt's RUN in front of the campaign's chain (created if new, ending with
+    the defaults). Transfers from several sites and stage flows add to one chain at once, so
+    the chain is changed under the registry's lock on it, never read and written back."""
     chain = campaign_collection(campaign)
-    butler.registry.registerCollection(chain, CollectionType.CHAINED)
-    members = list(butler.registry.getCollectionChain(chain))
-    if run not in members:
-        members = [run] + [m for m in members if m != DEFAULTS] + [DEFAULTS]
-        butler.registry.setCollectionChain(chain, members)
+    if butler.registry.registerCollection(chain, CollectionType.CHAINED):
+        butler.collections.extend_chain(chain, DEFAULTS)
+    if run not in butler.registry.getCollectionChain(chain):
+        butler.collections.prepend_chain(chain, run)
 
 
 def write_progress(site: SiteConfig, campaign: str, stage: str, group: str,

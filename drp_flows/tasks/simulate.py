@@ -40,7 +40,7 @@ ZEROPOINT = {"u": 26.52, "g": 28.51, "r": 28.36, "i": 28.17, "z": 27.78, "y": 26
 SKY_MAG = {"u": 23.05, "g": 22.25, "r": 21.20, "i": 20.46, "z": 19.61, "y": 18.60}
 EXPTIME = 30.0
 DARK_CURRENT = 0.02       # e-/s
-FIRST_NIGHT_MJD = 61000   # 2025-11-10
+FIRST_NIGHT_MJD = 61000   # 2025-11-21 UTC, day_obs 20251120
 VISIT_SPACING_S = 120.0   # one 30 s exposure plus slew
 ROUND_SPACING_S = 3600.0  # revisits of a tract within a night: asteroids move >= 6" (tracklets)
 

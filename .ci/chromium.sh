@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Debian's Chromium and ChromeDriver for the UI test (tests/test_ui.py), as root. Idempotent.
+set -euo pipefail
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then echo "chromium.sh: not root, cannot install Chromium" >&2; exit 1; fi
+command -v apt-get >/dev/null || { echo "chromium.sh: no apt-get" >&2; exit 1; }
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+chromium --version

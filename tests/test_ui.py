@@ -1,0 +1,125 @@
+"""The Prefect UI as an operator sees it: headless Chromium (Debian's chromium and
+chromium-driver, driven by Selenium) on the flow run page of the campaign that
+tests/test_deployments.py ran through `prefect deployment run`: the flow run graph, the
+Artifacts tab with the campaign's artifact, that artifact rendered (progress and transfers),
+and a transfer's and a stage's own artifacts rendered as tables. The screenshots go to
+$DRP_SCREENSHOTS when set (the README's come from there)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from prefect_ops import SITES, api
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM and CHROMEDRIVER):
+        reason = "no chromium and chromium-driver here (make test installs them: .ci/chromium.sh)"
+        if os.environ.get("DRP_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(f"DRP_REQUIRE_CHROMIUM=1 but {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # as root, offline: no sandbox, and no background connections the closed network refuses
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-sync",
+                "--disable-component-update", "--window-size=1600,1000",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    path = Path(os.environ.get("DRP_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_for(driver, xpath: str, timeout: float = 90):
+    """The element once it is visible: the UI renders after its API calls return."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(seen.visibility_of_element_located((By.XPATH, xpath)))
+
+
+def rendered_table(driver) -> list[list[str]]:
+    """The rows of the tables the page renders (header cells included)."""
+    from selenium.webdriver.common.by import By
+
+    return [[cell.text for cell in row.find_elements(By.XPATH, "./th|./td")]
+            for row in driver.find_elements(By.XPATH, "//table//tr")]
+
+
+def open_artifact(browser, env: dict, key: str) -> None:
+    """From the artifact's key page (its versions), the latest version's page."""
+    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    (latest,) = api(env, "POST", "/artifacts/latest/filter", {"artifacts": {"key": {"any_": [key]}}})
+    browser.get(f"{ui}/artifacts/key/{key}")
+    wait_for(browser, f"//a[normalize-space()='{latest['latest_id'][:8]}']").click()
+    wait_for(browser, "//table")
+
+
+def test_campaign_run_page_shows_graph_and_artifacts(sqlite_ops, browser, screenshots):
+    env, flow_run = sqlite_ops
+    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    campaign = flow_run["name"]
+
+    # the flow run page: name, state and the graph of the stages at every site and the
+    # transfers between them
+    browser.get(f"{ui}/runs/flow-run/{flow_run['id']}")
+    wait_for(browser, f"//*[normalize-space()='{campaign}']")
+    wait_for(browser, "//*[normalize-space()='Completed']")
+    wait_for(browser, "//canvas")
+    browser.save_screenshot(str(screenshots / "flow-run-graph.png"))
+
+    # the Artifacts tab: the campaign's own artifact (progress and transfers) as a card
+    wait_for(browser, "//li[@id='artifacts']").click()
+    card = wait_for(browser, f"//*[contains(@class, 'artifact-card')][.//*[normalize-space()="
+                             f"'campaign-{campaign}']]")
+    browser.save_screenshot(str(screenshots / "flow-run-artifacts.png"))
+
+    # the card opens it rendered: a progress row per site, step and group; the transfers
+    card.click()
+    transfers = wait_for(browser, "//h2[normalize-space()='Transfers']")
+    rows = rendered_table(browser)
+    browser.save_screenshot(str(screenshots / "campaign-artifact.png"))
+    browser.execute_script("arguments[0].scrollIntoView()", transfers)
+    browser.save_screenshot(str(screenshots / "campaign-transfers.png"))
+    header = rows[0]
+    assert header[:5] == ["site", "step", "group", "attempt", "state"], header
+    progress = [dict(zip(header, r, strict=True)) for r in rows[1:] if len(r) == len(header)]
+    assert {(r["site"], r["step"]) for r in progress} >= {
+        (s, "calibrateImage") for s in SITES} | {("usdf", "fgcmFitCycle")}
+    # nothing failed (a CCD with no template over it on this small campaign is blocked)
+    assert all(r["state"] in ("done", "blocked") and r["failed"] == "0" for r in progress), progress
+    assert ["final catalogs in", "frdf", "usdf"] in [r[:3] for r in rows], rows
+
+    # a transfer's own table artifact (its transfer task's)
+    open_artifact(browser, env, f"transfer-{campaign}-final-catalogs-in-frdf-usdf")
+    header, row = rendered_table(browser)[:2]
+    table = dict(zip(header, row, strict=True))
+    assert table["source"] == "frdf" and table["destination"] == "usdf", table
+    assert int(table["datasets"]) > 0 and int(table["bytes"]) > 0, table
+    browser.save_screenshot(str(screenshots / "transfer-artifact.png"))
+
+    # a stage's progress artifact, made at the site by the site's worker
+    (key,) = {a["key"] for a in api(env, "POST", "/artifacts/filter", {"artifacts": {"key": {
+        "like_": f"progress-{campaign}-frdf-stage4-tracts-"}}})}
+    open_artifact(browser, env, key)
+    steps = {r[1] for r in rendered_table(browser)[1:]}
+    assert {"drpAssociation", "drpDiaCalculation"} <= steps, steps
