@@ -123,3 +123,28 @@ def test_campaign_run_page_shows_graph_and_artifacts(sqlite_ops, browser, screen
     open_artifact(browser, env, key)
     steps = {r[1] for r in rendered_table(browser)[1:]}
     assert {"drpAssociation", "drpDiaCalculation"} <= steps, steps
+
+
+def test_campaign_deployment_form_is_typed_and_described(sqlite_ops, browser, screenshots):
+    """The campaign deployment's Run form, as an operator starts a campaign from the UI: a
+    field per parameter, each with its description, typed from the flow's signature."""
+    env, _ = sqlite_ops
+    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    (deployment,) = [d for d in api(env, "POST", "/deployments/filter", {})
+                     if d["name"] == "campaign"]
+    schema = deployment["parameter_openapi_schema"]["properties"]
+    assert schema["stages"]["anyOf"][0]["items"]["enum"] == [
+        "stage1", "global", "stage2", "stage3", "stage4", "final"]
+    assert schema["group_size"]["type"] == "integer" and schema["rescue"]["type"] == "boolean"
+    browser.get(f"{ui}/deployments/deployment/{deployment['id']}/run")
+    for name in ("site_file", "campaign", "where", "stages", "group_size", "rescue"):
+        wait_for(browser, f"//*[starts-with(normalize-space(), '{name} (Optional)')]")
+        shown = schema[name]["description"].replace("`", "")     # markdown: code spans
+        wait_for(browser, f"//*[normalize-space()={xpath_string(shown)}]")
+    browser.save_screenshot(str(screenshots / "campaign-run-form.png"))
+
+
+def xpath_string(text: str) -> str:
+    """An XPath string literal of any text (as the page shows it: one line)."""
+    parts = " ".join(text.split()).split("'")
+    return "concat('" + "', \"'\", '".join(parts) + "', '')"

@@ -272,18 +272,28 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
                   rescue: bool = False, reuse: str = "") -> dict:
     """Run the campaign over the sites of the site file: stage 1 everywhere, fan-in, the global
     calibration at the campaign site, fan-out, stages 2-4 everywhere with their fan-ins; then QA
-    against the truth of a simulated survey if one is given. Returns progress rows, transfer ledgers,
-    quarantined quanta and QA.
+    against the truth of a simulated survey if one is given. Returns progress rows, transfer
+    ledgers, quarantined quanta and QA, and leaves them at the campaign site (`drp report`).
 
-    `where` is a Butler data query choosing the campaign's visits (e.g. "day_obs = 20251120",
-    "band IN ('g', 'r')", "tract = 0"; default all); `stages` runs only some stages (with the
-    movements before them; default all); the visit steps run in groups of at most
-    `group_size` visits, the tract steps in groups of at most `tracts_per_group` tracts.
+    A re-run resumes in the latest attempt, skipping every finished quantum. The arguments are
+    the form of the campaign deployment in the Prefect UI, so they are described for operators.
 
-    A re-run resumes in the latest attempt, skipping every finished quantum; `rescue` starts a
-    new attempt of every group instead (its own RUN collections, chained in front), which runs
-    only the quanta that failed or are still missing. `reuse` names an earlier campaign whose
-    single-frame outputs this one takes instead of redoing them (the weekly runs do)."""
+    Args:
+        site_file: The site file (YAML): the sites, their clusters, storage and Butlers.
+        campaign: The campaign's name; its outputs are in `ComCamSim/runs/<campaign>` at every
+            site.
+        where: A Butler data query choosing the visits, e.g. day_obs = 20251120,
+            band IN ('g', 'r') or tract = 0 (empty: every visit).
+        stages: Only these stages, each with the movements that bring its inputs (none: all).
+        group_size: Visits per group at most (a group is one stage flow run at a site).
+        tracts_per_group: Tracts per group at most.
+        batch_size: Quanta per batch (one Prefect task drives a batch on the site's cluster).
+        survey: A simulated survey's folder: QA against its truth when given.
+        rescue: Start a new attempt of every group (its own RUN collections, chained in
+            front), which runs only the quanta that failed or are still missing.
+        reuse: An earlier campaign whose single-frame outputs this one takes instead of
+            redoing them (the weekly runs reuse the previous week's).
+    """
     start = time.perf_counter()
     logger = get_run_logger()
     sites = load_sites(site_file)

@@ -295,7 +295,19 @@ def site_stage_flow(site_file: str, site: str, campaign: str, stage: str, where:
                     attempt: int = 1) -> list[dict]:
     """One stage of a campaign at one site, as the site's own deployment: run by the worker
     of the site's work pool, at the site, it starts the site's cluster there (and its
-    long-quantum cluster if the stage has long quanta), runs every group and stops them."""
+    long-quantum cluster if the stage has long quanta), runs every group and stops them.
+
+    Args:
+        site_file: The site file (YAML) of the campaign.
+        site: The site whose stage this is (its worker runs it).
+        campaign: The campaign's name.
+        stage: The stage: stage1, global, stage2, stage3, stage4 or final.
+        where: The campaign's Butler data query (empty: every visit).
+        group_size: Visits per group at most.
+        tracts_per_group: Tracts per group at most.
+        batch_size: Quanta per batch.
+        attempt: The group attempt (a rescue is a new one).
+    """
     cfg = load_sites(site_file)[site]
     with ExitStack() as stack:
         address = stack.enter_context(running_cluster(cfg.cluster))

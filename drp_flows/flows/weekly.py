@@ -62,9 +62,21 @@ def weekly_flow(site_file: str = str(LOCAL_SITES), as_of: datetime | None = None
                 stages: list[Stage] | None = None, group_size: int = 100,
                 tracts_per_group: int = 10, batch_size: int = 500,
                 survey: str | None = None) -> dict:
-    """This week's cumulative campaign: the released visits that began before `as_of` (default
-    the run's scheduled time), and of those only what `where` selects if given; the previous
-    weekly's single-frame outputs are reused."""
+    """This week's cumulative campaign w_YYYY_WW: the released visits that began before
+    `as_of`, and of those only what `where` selects if given; the previous weekly's
+    single-frame outputs are reused.
+
+    Args:
+        site_file: The site file (YAML): the sites, their clusters, storage and Butlers.
+        as_of: The run's time (default: its scheduled time); names the week, and exposures
+            that began before it less the embargo period are released.
+        where: A Butler data query narrowing the released visits (empty: all of them).
+        stages: Only these stages, each with the movements that bring its inputs (none: all).
+        group_size: Visits per group at most.
+        tracts_per_group: Tracts per group at most.
+        batch_size: Quanta per batch.
+        survey: A simulated survey's folder: QA against its truth when given.
+    """
     when = _as_of(as_of)
     name = weekly_name(when)
     query = released_query(site_file, when) + (f" AND ({where})" if where else "")
