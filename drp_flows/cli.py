@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table as RichTable
 
-from drp_flows.sites.config import LOCAL_SITES
+from drp_flows.sites.config import LOCAL_SITES, CampaignSites, load_sites
 
 app = typer.Typer(help="Multi-site Data Release Processing on Prefect and Dask.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -76,7 +76,7 @@ def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
 
     _data_dir(data)
     start = time.perf_counter()
-    with live_progress(sites, name):
+    with live_progress(load_sites(sites), name):
         result = campaign_flow(str(sites), name, where=where, group_size=group_size,
                                tracts_per_group=tracts_per_group, batch_size=batch_size,
                                survey=str(survey.resolve()) if survey else None, rescue=rescue)
@@ -99,15 +99,14 @@ def status(name: str, sites: Path = LOCAL_SITES, data: Path | None = None,
                                                     "campaign ends (Ctrl-C stops watching)")] = False):
     """Where a campaign stands, from what its stage flows record at every site as they run."""
     from drp_flows.flows.campaign import read_summary
-    from drp_flows.sites.config import load_sites
 
     _data_dir(data)
     cfg = load_sites(sites)
     if watch:
-        with suppress(KeyboardInterrupt), live_progress(sites, name, force=True):
+        with suppress(KeyboardInterrupt), live_progress(cfg, name, force=True):
             while read_summary(cfg[cfg.campaign_site], name) is None:
                 time.sleep(POLL_SECONDS)
-    rows = progress_rows(sites, name)
+    rows = progress_rows(cfg, name)
     if not rows:
         console.print(f"no progress recorded for campaign {name!r} at the sites of {sites}")
         raise typer.Exit(1)
@@ -125,7 +124,6 @@ def report(name: str, sites: Path = LOCAL_SITES, data: Path | None = None):
     Progress per site, step and group, the transfers, the quarantined quanta, and QA against
     truth with where its plots are."""
     from drp_flows.flows.campaign import read_summary
-    from drp_flows.sites.config import load_sites
 
     _data_dir(data)
     cfg = load_sites(sites)
@@ -152,8 +150,6 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
-    from drp_flows.sites.config import load_sites
-
     _data_dir(data)              # the workers' flow runs read the site file with it
     pools = {d["name"]: d["work_pool"]["name"]
              for d in yaml.safe_load(prefect_file.read_text())["deployments"] if d.get("work_pool")}
@@ -169,8 +165,9 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
     if not wanted:
         console.print(f"no site of {sites} names a deployment: its stages run in the campaign")
         raise typer.Exit(2)
+    pools_used = sorted(set(wanted.values()))
     with get_client(sync_client=True) as client:
-        for pool in sorted(set(wanted.values())):
+        for pool in pools_used:
             try:
                 client.read_work_pool(pool)
             except ObjectNotFound:
@@ -178,7 +175,7 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
                 console.print(f"work pool {pool} created (process)")
     prefect = Path(sys.executable).with_name("prefect")
     procs = [subprocess.Popen([str(prefect), "worker", "start", "--pool", pool])
-             for pool in sorted(set(wanted.values()))]
+             for pool in pools_used]
     console.print("workers: " + ", ".join(f"{s} on {p}" for s, p in wanted.items()))
     try:
         for proc in procs:
@@ -204,15 +201,14 @@ def demo(data: Path | None = None, ccd_size: int = 512, nights: int = 3,
                   f"visit_summary --collections ComCamSim/runs/{name}")
 
 
-def progress_rows(sites: Path, name: str) -> list[dict]:
+def progress_rows(sites: CampaignSites, name: str) -> list[dict]:
     from drp_flows.flows.stages import read_progress
-    from drp_flows.sites.config import load_sites
 
-    return [r for site in load_sites(sites).sites.values() for r in read_progress(site, name)]
+    return [r for site in sites.sites.values() for r in read_progress(site, name)]
 
 
 @contextmanager
-def live_progress(sites: Path, name: str, force: bool = False):
+def live_progress(sites: CampaignSites, name: str, force: bool = False):
     """A bar per site and stage, from the progress files the stage flows write, refreshed
     while the block runs: in a terminal only (or `force`), with Prefect's console log lines
     printed above the bars instead of through them."""

@@ -48,6 +48,11 @@ def screenshots(tmp_path_factory) -> Path:
     return path
 
 
+def ui_url(env: dict) -> str:
+    """The UI is served where the API is, without its /api."""
+    return env["PREFECT_API_URL"].removesuffix("/api")
+
+
 def wait_for(driver, xpath: str, timeout: float = 90):
     """The element once it is visible: the UI renders after its API calls return."""
     from selenium.webdriver.common.by import By
@@ -67,7 +72,7 @@ def rendered_table(driver) -> list[list[str]]:
 
 def open_artifact(browser, env: dict, key: str) -> None:
     """From the artifact's key page (its versions), the latest version's page."""
-    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    ui = ui_url(env)
     (latest,) = api(env, "POST", "/artifacts/latest/filter", {"artifacts": {"key": {"any_": [key]}}})
     browser.get(f"{ui}/artifacts/key/{key}")
     wait_for(browser, f"//a[normalize-space()='{latest['latest_id'][:8]}']").click()
@@ -76,7 +81,7 @@ def open_artifact(browser, env: dict, key: str) -> None:
 
 def test_campaign_run_page_shows_graph_and_artifacts(sqlite_ops, browser, screenshots):
     env, flow_run = sqlite_ops
-    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    ui = ui_url(env)
     campaign = flow_run["name"]
 
     # the flow run page: name, state and the graph of the stages at every site and the
@@ -129,7 +134,7 @@ def test_campaign_deployment_form_is_typed_and_described(sqlite_ops, browser, sc
     """The campaign deployment's Run form, as an operator starts a campaign from the UI: a
     field per parameter, each with its description, typed from the flow's signature."""
     env, _ = sqlite_ops
-    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    ui = ui_url(env)
     (deployment,) = [d for d in api(env, "POST", "/deployments/filter", {})
                      if d["name"] == "campaign"]
     schema = deployment["parameter_openapi_schema"]["properties"]
