@@ -39,7 +39,7 @@ def _data_dir(data: Path | None) -> Path:
 
 @app.command()
 def simulate(out: Path = typer.Argument(..., help="directory for raws, calibs, refcat, truth"),
-             ccd_size: int = 512, nights: int = 3, rounds_per_night: int = 3, seed: int = 42):
+             ccd_size: int = 1024, nights: int = 3, rounds_per_night: int = 3, seed: int = 42):
     """Simulate a mini-ComCam survey (deterministic from the seed)."""
     from drp_flows.tasks.simulate import SurveyConfig, simulate_survey
 
@@ -189,7 +189,7 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
 
 
 @app.command()
-def demo(data: Path | None = None, ccd_size: int = 512, nights: int = 3,
+def demo(data: Path | None = None, ccd_size: int = 1024, nights: int = 3,
          rounds_per_night: int = 3, name: str = "demo"):
     """Simulate a survey, set up three sites on this machine, run the campaign, report QA."""
     data = _data_dir(data)

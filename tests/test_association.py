@@ -11,7 +11,7 @@ from drp_flows.tasks.association import (
     match_visit,
 )
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
-from drp_flows.tasks.moving_objects import MIN_NIGHTS, link
+from drp_flows.tasks.moving_objects import MIN_NIGHTS, link, mover_candidates
 
 RA0, DEC0 = 53.1, -28.1
 ARCSEC = 1 / 3600
@@ -67,26 +67,39 @@ def test_variables_flagged_and_constant_or_template_movers_not():
     rng = np.random.default_rng(2)
     mjd = np.repeat(61000.1 + np.arange(4), 3) + np.tile([0, 0.04, 0.08], 4)
     band = np.tile(["g", "r", "i"], 4)
-    tables, truth, negative, bands = [], [], [], []
-    n = 500
+    tables, truth, negative, bands, coadd_flux = [], [], [], [], []
+    n = 600
     for k in range(n):
-        kind = ["constant", "variable", "template mover", "faded variable", "variable"][k % 5]
+        kind = ["constant", "variable", "template mover", "faded variable", "variable",
+                "faded in g"][k % 6]
         if kind == "constant":
             true = np.zeros(12)
         elif kind == "variable":      # 0.3 mag sinusoid of a 21st-mag star (~13,000 nJy)
             true = 13000 * 0.3 * 0.92 * np.sin(2 * np.pi * mjd / 1.7 + k)
         elif kind == "faded variable":   # bright in the templates, fainter since, by 5-20%
             true = -13000 * np.linspace(0.05, 0.2, 12)
-        else:                         # an asteroid in the g template: constant -2,000 nJy in g
+        else:     # an asteroid in the g template, or a star bright in it: -2,000 nJy in g since
             true = np.where(band == "g", -2000.0, 0.0)
         tables.append(_forced(k, true + rng.normal(0, 100, 12), band, mjd))
-        truth.append("variable" if kind == "faded variable" else kind)
+        truth.append("variable" if kind.startswith("faded") else kind)
         # a faded variable detected only in g, as negatives: like a template mover but changing
-        negative.append(3 if kind in ("template mover", "faded variable") else 1)
-        bands.append(1 if kind in ("template mover", "faded variable") else 2)
-    objects = Table({"dia_object_id": np.arange(n), "n_dia_sources": np.full(n, 3),
-                     "n_reliable": np.full(n, 3), "n_negative": negative, "n_bands": bands})
-    stats = light_curve_stats(objects, vstack(tables))
+        negative.append(3 if kind in ("template mover", "faded variable", "faded in g") else 1)
+        bands.append(1 if kind in ("template mover", "faded variable", "faded in g") else 2)
+        # the deep coadds: the mover in g only (one visit of three), a star in every band
+        coadd_flux.append({"g": 700.0, "r": 0.0, "i": 0.0} if kind == "template mover"
+                          else {"g": 5000.0, "r": 6000.0, "i": 7000.0})
+    ra = RA0 + np.arange(n) * 10 * ARCSEC / np.cos(np.radians(DEC0))
+    objects = Table({"dia_object_id": np.arange(n), "ra": ra, "dec": np.full(n, DEC0),
+                     "n_dia_sources": np.full(n, 3), "n_reliable": np.full(n, 3),
+                     "n_negative": negative, "n_bands": bands})
+    coadd = Table({"coord_ra": ra + 0.2 * ARCSEC, "coord_dec": np.full(n, DEC0)})
+    for b in "gri":
+        coadd[f"{b}_psf_flux"] = [f[b] + rng.normal(0, 30) for f in coadd_flux]
+        coadd[f"{b}_psf_flux_err"] = np.full(n, 30.0)
+    stats = light_curve_stats(objects, vstack(tables), coadd)
+    # without the coadds a star faded in one band is what a mover in that band's template is
+    alone = light_curve_stats(objects, vstack(tables))
+    assert alone["is_template_transient"][np.arange(n) % 6 == 5].all()
     truth = np.array(truth)
     assert stats["is_variable"][truth == "variable"].mean() >= 0.95
     assert stats["is_variable"][truth != "variable"].mean() <= 0.01
@@ -95,6 +108,7 @@ def test_variables_flagged_and_constant_or_template_movers_not():
     chi2_dof = stats["psf_flux_chi2"] / stats["n_forced"]
     assert 0.8 < np.median(chi2_dof[truth == "constant"]) < 1.2
     assert stats["is_template_transient"][truth == "template mover"].all()
+    assert not stats["is_template_transient"][truth != "template mover"].any()
 
 
 def test_asteroids_linked_across_nights_and_noise_left_alone():
@@ -132,6 +146,25 @@ def test_asteroids_linked_across_nights_and_noise_left_alone():
     assert len(linked) >= 0.9 * n_ast
     for row, o in zip(ss_object, owners, strict=True):       # rates in deg/day, within 1"/day
         assert abs(np.hypot(row["rate_ra"], row["rate_dec"]) * 3600 - rate[o[0]]) < 1.0
+
+
+def test_movers_crossing_one_place_on_two_nights_stay_candidates():
+    """Association joins two asteroids that cross one place on different nights in one DIA
+    object (the demo lost a findable asteroid so); a star seen twice in a night is no mover."""
+    night1, night2 = 61000.1, 61001.1
+    rows = [  # dia_source_id, dia_object_id, mjd, is_negative, is_dipole, is_residual
+        (1, 10, night1, False, False, False),           # asteroid A here on night 1
+        (2, 10, night2, False, False, False),           # asteroid B here on night 2
+        (3, 11, night1, False, False, False),           # a variable, twice on night 1
+        (4, 11, night1 + 0.04, False, False, False),
+        (5, 12, night2, True, False, False),            # negative, a dipole, a residual
+        (6, 13, night2, False, True, False),
+        (7, 14, night2, False, False, True),
+        (8, 15, night2, False, False, False)]           # a lone positive source
+    src = Table(rows=rows, names=("dia_source_id", "dia_object_id", "mjd", "is_negative",
+                                  "is_dipole", "is_residual"))
+    assert list(mover_candidates(src)["dia_source_id"]) == [1, 2, 8]
+    assert len(mover_candidates(src[:0])) == 0
 
 
 def test_a_bright_stars_residuals_never_make_a_variable():

@@ -1,11 +1,12 @@
-"""Step 3's warp and coadd on CCDs with known stars: fluxes in nJy, variance, coverage."""
+"""Step 3's warp and coadd on CCDs with known stars: fluxes in nJy, variance, coverage, and the
+coadd's PSF from its inputs."""
 
 import numpy as np
 import sep
 from astropy.io import fits
 
 from drp_flows.tasks.camera import Camera
-from drp_flows.tasks.coadd import CoaddAccumulator, njy_scale, warp
+from drp_flows.tasks.coadd import CoaddAccumulator, coadd_psf, njy_scale, warp
 from drp_flows.tasks.images import Exposure
 from drp_flows.tasks.psf import add_point_sources
 from drp_flows.tasks.simulate import detector_wcs
@@ -38,9 +39,10 @@ def test_coadd_fluxes_variance_and_coverage():
     shape = (320, 320)      # larger than the CCD (256 px): the edges have no data
     acc = CoaddAccumulator(shape)
     zero_points = [31.0, 31.3, 30.8]
-    for zp, dither, rot in zip(zero_points, [-4.0, 0.0, 5.0], [0.0, 1.0, -1.5], strict=True):
+    for k, (zp, dither, rot) in enumerate(zip(zero_points, [-4.0, 0.0, 5.0], [0.0, 1.0, -1.5],
+                                              strict=True)):
         w = warp(ccd(rng, cam, stars, zp, dither, rot), njy_scale(zp), out_wcs, shape)
-        acc.add(w, {"zp": zp})
+        acc.add(w, {"zp": zp, "psf_fwhm": FWHM + k})     # FWHMs that tell the inputs apart
     coadd = acc.coadd(out_wcs, fits.Header())
     assert coadd.metadata["NINPUTS"] == 3
 
@@ -69,3 +71,15 @@ def test_coadd_fluxes_variance_and_coverage():
 
     # no input: NO_DATA, infinite variance
     assert acc.n_input[0, 0] == 0 and coadd.mask[0, 0] and np.isinf(coadd.variance[0, 0])
+
+    # the coadd's PSF (CoaddPsf), from the inputs the coadd file keeps: at every pixel the inputs
+    # covering it, with their coadd weights
+    back = Exposure.from_hdulist(fits.HDUList.fromstring(coadd.to_bytes()))
+    assert list(back.coadd_inputs["psf_fwhm"]) == [FWHM, FWHM + 1, FWHM + 2]
+    py, px = (a.ravel() for a in np.mgrid[0:320:3, 0:320:3])
+    psf = coadd_psf(back.coadd_inputs, px.astype(float), py.astype(float))
+    n = acc.n_input[py, px]
+    assert np.allclose(psf.weights.sum(axis=1), 1)
+    assert ((psf.weights > 0).sum(axis=1) == n)[n > 0].mean() > 0.99
+    everywhere = n == 3
+    assert np.allclose(psf.weights[everywhere], np.array(weights) / sum(weights))

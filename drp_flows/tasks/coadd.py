@@ -5,7 +5,10 @@ trick: the WCS pair is evaluated every 32 pixels and interpolated by splines) an
 spline resampling of its pixels (`scipy.ndimage.map_coordinates`), in nJy using its final
 zeropoint. The coadd is the inverse-variance weighted mean, one weight per CCD (1 / median
 variance, as Rubin does), and its variance is sum(w^2 V) / sum(w)^2, so the coadd variance
-and the property maps share the same weights.
+and the property maps share the same weights. The coadd keeps its input CCDs (afw's
+CoaddInputs: weight, PSF FWHM and the CCD's outline on the patch), from which `coadd_psf` gives
+the PSF at any position as Rubin's CoaddPsf does: the weighted mix of the PSFs of the inputs
+that cover it.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
+from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.interpolate import RectBivariateSpline
 from scipy.ndimage import map_coordinates
 
 from drp_flows.tasks.images import Exposure, bit
+from drp_flows.tasks.psf import PsfMixture
 
 NJY_MAG0 = 31.4             # AB magnitude of 1 nJy
 MAPPING_GRID = 32           # pixels between exact WCS evaluations
@@ -39,6 +44,7 @@ class Warp:
     image: np.ndarray
     variance: np.ndarray
     valid: np.ndarray
+    corners: np.ndarray     # (x, y) of the CCD's four corners on the output grid, in order
 
 
 def _axis_points(lo: int, hi: int) -> np.ndarray:
@@ -69,7 +75,7 @@ def warp(exp: Exposure, scale: float, out_wcs: WCS, shape: tuple[int, int]) -> W
         return None
     image = map_coordinates(exp.image.astype(float), [py, px], order=3, mode="nearest") * scale
     variance = map_coordinates(exp.variance.astype(float), [py, px], order=1, mode="nearest") * scale ** 2
-    return Warp(slice(y0, y1), slice(x0, x1), image, variance, valid)
+    return Warp(slice(y0, y1), slice(x0, x1), image, variance, valid, np.column_stack([ox, oy]))
 
 
 class CoaddAccumulator:
@@ -90,7 +96,8 @@ class CoaddAccumulator:
         self.sum_w[box][v] += weight
         self.sum_w2v[box][v] += weight ** 2 * w.variance[v]
         self.n_input[box][v] += 1
-        self.inputs.append(info | {"weight": weight})
+        self.inputs.append(info | {"weight": weight, "corner_x": w.corners[:, 0],
+                                   "corner_y": w.corners[:, 1]})
 
     def coadd(self, wcs: WCS, metadata: fits.Header) -> Exposure:
         covered = self.sum_w > 0
@@ -101,4 +108,19 @@ class CoaddAccumulator:
         meta = metadata.copy()
         meta["NINPUTS"] = (len(self.inputs), "visit-detector images in the coadd")
         meta["BUNIT"] = "nJy"
-        return Exposure(image=image, variance=variance, mask=mask, wcs=wcs, metadata=meta)
+        return Exposure(image=image, variance=variance, mask=mask, wcs=wcs, metadata=meta,
+                        coadd_inputs=Table(rows=self.inputs) if self.inputs else None)
+
+
+def coadd_psf(inputs: Table, x: np.ndarray, y: np.ndarray) -> PsfMixture:
+    """The coadd's PSF at positions (x, y): per position, the coadd weights of the input CCDs
+    whose outline holds it, over those inputs' Moffat FWHMs (`psf_fwhm`, pixels). A position
+    no outline holds (the coadd's outermost half pixel) gets the mean of all inputs."""
+    cx, cy = np.asarray(inputs["corner_x"], float), np.asarray(inputs["corner_y"], float)
+    ex, ey = np.roll(cx, -1, axis=1) - cx, np.roll(cy, -1, axis=1) - cy     # edges [input, 4]
+    cross = (ex[None] * (np.asarray(y)[:, None, None] - cy[None])
+             - ey[None] * (np.asarray(x)[:, None, None] - cx[None]))        # [position, input, 4]
+    inside = (cross >= 0).all(axis=2) | (cross <= 0).all(axis=2)
+    weights = inside * np.asarray(inputs["weight"], float)[None, :]
+    weights[weights.sum(axis=1) == 0] = np.asarray(inputs["weight"], float)
+    return PsfMixture(np.asarray(inputs["psf_fwhm"], float), weights / weights.sum(axis=1, keepdims=True))

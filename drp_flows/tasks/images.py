@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.io import fits
+from astropy.table import Table
 from astropy.wcs import WCS
 
 # Rubin's standard mask planes (afw), as bit numbers
@@ -25,6 +26,7 @@ class Exposure:
     mask: np.ndarray
     wcs: WCS | None = None
     metadata: fits.Header = field(default_factory=fits.Header)
+    coadd_inputs: Table | None = None   # a coadd's input CCDs (afw's CoaddInputs): its PSF
 
     def to_hdulist(self) -> fits.HDUList:
         primary = fits.PrimaryHDU(header=self.metadata.copy())
@@ -32,12 +34,16 @@ class Exposure:
         mask_header = fits.Header()
         for name, b in MASK_PLANES.items():
             mask_header[f"HIERARCH MP_{name}"] = b   # afw's mask-plane keywords
-        return fits.HDUList([
+        hdus = fits.HDUList([
             primary,
             fits.ImageHDU(self.image.astype(np.float32), header=wcs_header, name="IMAGE"),
             fits.ImageHDU(self.mask.astype(np.int32), header=mask_header, name="MASK"),
             fits.ImageHDU(self.variance.astype(np.float32), header=wcs_header, name="VARIANCE"),
         ])
+        if self.coadd_inputs is not None:
+            hdus.append(fits.table_to_hdu(self.coadd_inputs))
+            hdus[-1].name = "COADD_INPUTS"
+        return hdus
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -50,9 +56,10 @@ class Exposure:
 
         def native(a):  # FITS is big-endian; sep and numpy kernels want native order
             return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+        inputs = Table.read(hdul["COADD_INPUTS"]) if "COADD_INPUTS" in hdul else None
         return cls(image=native(hdul["IMAGE"].data), variance=native(hdul["VARIANCE"].data),
                    mask=native(hdul["MASK"].data), wcs=header_wcs(hdul["IMAGE"].header),
-                   metadata=hdul[0].header.copy())
+                   metadata=hdul[0].header.copy(), coadd_inputs=inputs)
 
 
 def single_image_bytes(data: np.ndarray, header: fits.Header | None = None) -> bytes:

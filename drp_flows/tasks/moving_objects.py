@@ -1,8 +1,11 @@
 """Moving-object linking over the whole campaign (the MOPS recipe: tracklets within a night,
 linked across nights by linear motion).
 
-The candidates are the positive, non-dipole DIA sources that association left alone (their
-DIA object has one source): a mover is never in the same place twice.
+The candidates are the positive DIA sources, neither dipoles nor star residuals, that are alone
+on their DIA object that night (`mover_candidates`): a mover is never in the same place twice
+in a night, but two movers can cross one place on different nights, and association then joins
+them in one DIA object (the demo lost a findable asteroid so when only sources alone on their
+DIA object were candidates).
 - A tracklet is two or more detections of one night from different visits, moving at least
   MIN_MOTION and slower than MAX_RATE, on a straight line at a constant rate.
 - Two tracklets of different nights link when each one's motion predicts the other's position
@@ -51,6 +54,18 @@ def linear_fit(t: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, f
     p0 = xy.mean(axis=0)
     resid = xy - (p0 + np.outer(dt, v))
     return p0, v, float(np.sqrt(np.mean(np.sum(resid ** 2, axis=1))))
+
+
+def mover_candidates(sources: Table) -> Table:
+    """The DIA sources that can be movers (see the module's docstring)."""
+    if not len(sources):
+        return sources
+    night = night_of(np.asarray(sources["mjd"]))
+    _, which, count = np.unique(np.column_stack([np.asarray(sources["dia_object_id"]), night]),
+                                axis=0, return_inverse=True, return_counts=True)
+    alone = count[which.ravel()] == 1
+    return sources[alone & ~np.asarray(sources["is_negative"]) & ~np.asarray(sources["is_dipole"])
+                   & ~np.asarray(sources["is_residual"])]
 
 
 def make_tracklets(t: np.ndarray, xy: np.ndarray, visit: np.ndarray) -> list[np.ndarray]:

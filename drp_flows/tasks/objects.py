@@ -11,12 +11,14 @@ pass, as BPS clusters them into one job per patch.
 - Background: re-estimated on the coadd away from every detection (reEstimateBackground):
   the single-frame backgrounds, fitted through crowded fields, leave the coadd's sky about
   0.1 sigma per pixel low, which made faint fluxes 5% low at S/N 15 in the demo.
-- Forced photometry: the PSF flux in every band at that position with the band's coadd PSF
-  width, one Moffat fitted to the patch's bright stars. A coadd of several seeings is not one
-  Moffat and its mix changes across the patch (Rubin's CoaddPsf follows it per position): that
-  leaves about 1% of star-to-star flux scatter at high S/N, and a test coadd of 0.8" and 1.2"
-  seeing in equal parts gets fluxes 3.5% low. An aperture correction did not help here: 5-FWHM
-  apertures in these crowded coadds sit on backgrounds a few tenths of a per cent off.
+- Forced photometry: the PSF flux in every band at that position with the coadd's PSF there
+  (`coadd_psf`, Rubin's CoaddPsf: the weighted mix of the input CCDs' PSFs), fitted together
+  with every object whose stamp overlaps (the deblend: a neighbour's light is not counted,
+  but undetected stars still add their confusion to the noise). Detection and
+  centroids use one Moffat fitted to the patch's bright stars, which is enough for them but
+  not for fluxes: a coadd of 0.8" and 1.2" seeing in equal parts is no Moffat, and one fitted
+  to it gets fluxes 3.5% low. An aperture correction did not help either: 5-FWHM apertures in
+  these crowded coadds sit on backgrounds a few tenths of a per cent off.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from drp_flows.tasks.calibrate import (
     significance,
 )
 from drp_flows.tasks.camera import PIXEL_SCALE
+from drp_flows.tasks.coadd import coadd_psf
 from drp_flows.tasks.images import Exposure, bit
 from drp_flows.tasks.psf import psf_flux
 
@@ -149,7 +152,11 @@ def measure_objects(coadds: dict[str, Exposure], tract: int, patch: int) -> Tabl
     ny, nx = next(iter(coadds.values())).image.shape
     iy, ix = np.clip(np.round(y).astype(int), 0, ny - 1), np.clip(np.round(x).astype(int), 0, nx - 1)
     for b, c in prepared.items():
-        flux, err = psf_flux(c.image, c.weight_var, x, y, c.fwhm_px, variance=c.variance)
+        inputs = coadds[b].coadd_inputs
+        if inputs is None or "psf_fwhm" not in inputs.colnames:
+            raise ValueError(f"{b}-band coadd of tract {tract} patch {patch} lists no input PSFs")
+        flux, err = psf_flux(c.image, c.weight_var, x, y, coadd_psf(inputs, x, y),
+                             variance=c.variance, simultaneous=True)
         covered = c.covered[iy, ix]
         t[f"{b}_psf_flux"] = np.where(covered, flux, np.nan)
         t[f"{b}_psf_flux_err"] = np.where(covered, err, np.nan)

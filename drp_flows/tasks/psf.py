@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 MOFFAT_BETA = 3.5
+
+
+@dataclass
+class PsfMixture:
+    """Per source, a weighted mix of Moffats of several FWHMs: a coadd's PSF (`coadd_psf`)."""
+
+    fwhm_px: np.ndarray     # [component]
+    weights: np.ndarray     # [source, component], rows summing to 1
+
+    @property
+    def size_px(self) -> float:
+        """The mean FWHM over sources, for stamp sizes."""
+        return float(np.mean(self.weights @ self.fwhm_px))
+
+    def stamps(self, x: np.ndarray, y: np.ndarray, half: int):
+        """`moffat_stamps` of the mix (untruncated total flux 1), one component per FWHM."""
+        fwhms, which = np.unique(self.fwhm_px, return_inverse=True)
+        weights = np.zeros((len(x), len(fwhms)))
+        np.add.at(weights.T, which, self.weights.T)
+        prof = 0.0
+        for k, fwhm in enumerate(fwhms):
+            ix, iy, offs, p = moffat_stamps(x, y, fwhm, half, unit_sum=False)
+            prof = prof + weights[:, k, None, None] * p
+        return ix, iy, offs, prof
 
 
 def moffat_stamps(x: np.ndarray, y: np.ndarray, fwhm_px: float, half: int,
@@ -54,23 +80,67 @@ def add_point_sources(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.
 
 
 def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.ndarray,
-             fwhm_px: float, variance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal (PSF-weighted) total flux and its error.
+             psf: float | PsfMixture, variance: np.ndarray | None = None,
+             simultaneous: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal (PSF-weighted) total flux and its error; `psf` is a Moffat FWHM in pixels or,
+    on a coadd, the mix of its inputs' PSFs.
 
     Weights come from `weight_var`, the background (sky + read noise) variance: weighting by
     the measured per-pixel variance, which holds the star's own noisy photons, biases faint
     fluxes low by ~2% at S/N 30. The error propagates the full `variance`. P is normalised to
     the untruncated profile, so no aperture correction is needed when the PSF model fits; a
-    2-FWHM stamp keeps neighbours in a crowded field out.
+    2-FWHM stamp keeps most of a crowded field's neighbours out. `simultaneous` fits the
+    sources whose stamps overlap together (a linear deblend, as DAOPHOT's ALLSTAR does), so
+    that none counts a neighbour's light: on the demo's coadds, stars of S/N 10-50 with a
+    neighbour within 3" had pulls of 1.5 measured alone.
     """
     variance = weight_var if variance is None else variance
-    ix, iy, offs, prof = moffat_stamps(x, y, fwhm_px, int(np.ceil(2 * fwhm_px)), unit_sum=False)
+    if isinstance(psf, PsfMixture):
+        ix, iy, offs, prof = psf.stamps(x, y, int(np.ceil(2 * psf.size_px)))
+    else:
+        ix, iy, offs, prof = moffat_stamps(x, y, psf, int(np.ceil(2 * psf)), unit_sum=False)
     flat, inside = stamp_indices(ix, iy, offs, image.shape)
     data, wvar, var = image.ravel()[flat], weight_var.ravel()[flat], variance.ravel()[flat]
-    w = np.where(inside & (wvar > 0), prof / np.where(wvar > 0, wvar, 1), 0.0)
+    used = inside & (wvar > 0)
+    w = np.where(used, prof / np.where(wvar > 0, wvar, 1), 0.0)
+    if simultaneous and len(x) > 1:
+        return _simultaneous_flux(image, variance, flat, used, w, prof)
     norm = (w * prof).sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (w * data).sum(axis=(1, 2)) / norm, np.sqrt((w * w * var).sum(axis=(1, 2))) / norm
+
+
+def _simultaneous_flux(image: np.ndarray, variance: np.ndarray, flat: np.ndarray, used: np.ndarray,
+                       w: np.ndarray, prof: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares of all fluxes at once, solved per family of overlapping stamps:
+    A f = b with A = P W P^T, b = P W d, and the errors from A^-1 (P W V W P^T) A^-1."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(flat)
+    rows = np.repeat(np.arange(n), flat[0].size)
+    cols = np.where(used, flat, 0).ravel()
+    shape = (n, image.size)
+    weighted = csr_matrix((w.ravel(), (rows, cols)), shape=shape)
+    a = (weighted @ csr_matrix((np.where(used, prof, 0.0).ravel(), (rows, cols)), shape=shape).T).tocsr()
+    b = weighted @ image.ravel()
+    cov = (csr_matrix(((w * variance.ravel()[flat]).ravel(), (rows, cols)), shape=shape)
+           @ weighted.T).tocsr()
+    diag = a.diagonal()
+    _, family = connected_components(a, directed=False)
+    flux, err = np.full(n, np.nan), np.full(n, np.nan)
+    size = np.bincount(family)
+    alone = (size[family] == 1) & (diag > 0)
+    flux[alone] = b[alone] / diag[alone]
+    err[alone] = np.sqrt(cov.diagonal()[alone]) / diag[alone]
+    crowded = (size[family] > 1) & (diag > 0)         # (no usable pixel: no flux)
+    order = np.flatnonzero(crowded)[np.argsort(family[crowded], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, np.diff(family[order]) != 0])
+    for members in np.split(order, starts[1:]) if len(order) else []:
+        inverse = np.linalg.pinv(a[members][:, members].toarray())
+        flux[members] = inverse @ b[members]
+        err[members] = np.sqrt(np.diag(inverse @ cov[members][:, members].toarray() @ inverse))
+    return flux, err
 
 
 def psf_flux_scale(fwhm_used_px: float, fwhm_true_px: float) -> float:

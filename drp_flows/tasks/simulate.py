@@ -50,7 +50,7 @@ class SurveyConfig:
     """What to simulate. The defaults are the demo survey; tests shrink ccd_size and nights."""
 
     seed: int = 42
-    ccd_size: int = 512
+    ccd_size: int = 1024          # 4x the stars of 512 px, which global u zeropoints need
     nights: int = 3
     rounds_per_night: int = 3     # visits of every tract per night, one band per round
     bands: tuple[str, ...] = BANDS
@@ -183,10 +183,10 @@ def star_mags(stars: Table, band: str, mjd: float) -> np.ndarray:
 
 def make_asteroids(cfg: SurveyConfig) -> Table:
     """Slow main-belt-like movers (0.04-0.06 deg/day, mostly along RA, as near a stationary
-    point) placed so that their whole track over the campaign stays inside the field: the
-    field is 0.1 deg wide in a tract and 0.3 deg in all, so faster movers leave it between
-    nights and could never be linked across three; slower ones move less than a tracklet's
-    5" between rounds an hour apart."""
+    point) placed so that their whole track over the campaign stays inside the field: a tract
+    is 0.1 deg wide with 512-px CCDs (0.2 with 1024 px) and the field three tracts, so faster
+    movers leave it between nights and could never be linked across three; slower ones move
+    less than a tracklet's 5" between rounds an hour apart."""
     rng = _rng(cfg.seed, 3)
     sky = cfg.skymap
     n = cfg.asteroids_per_tract * len(sky.tracts)

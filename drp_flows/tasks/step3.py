@@ -188,11 +188,13 @@ def assemble_coadd(quantum: Quantum, storage: Storage, out: OutputWriter, config
     for uri in quantum.inputs["preliminary_visit_image"]:
         exp = Exposure.from_hdulist(read_fits(storage, uri))
         visit, detector = int(exp.metadata["VISIT"]), int(exp.metadata["DETECTOR"])
-        w = warp(exp, njy_scale(rows[visit][detector]["zero_point"]), wcs, shape)
+        row = rows[visit][detector]
+        w = warp(exp, njy_scale(row["zero_point"]), wcs, shape)
         if w is not None:
-            deep.add(w, {"visit": visit, "detector": detector})
+            info = {"visit": visit, "detector": detector, "psf_fwhm": row["psf_fwhm"] / PIXEL_SCALE}
+            deep.add(w, info)
             if visit in best:
-                template.add(w, {"visit": visit, "detector": detector})
+                template.add(w, info)
     if not deep.inputs:
         raise ValueError(f"{quantum}: no input pixel lands on the patch")
     meta = fits.Header({"TRACT": d["tract"], "PATCH": d["patch"], "BAND": d["band"]})

@@ -25,7 +25,7 @@ from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.diffim import forced_photometry, measurable
 from drp_flows.tasks.images import Exposure, read_fits
-from drp_flows.tasks.moving_objects import link
+from drp_flows.tasks.moving_objects import link, mover_candidates
 from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import MiniSkymap
 from drp_flows.tasks.step1 import (
@@ -47,7 +47,7 @@ OBJECT_ID_STRIDE = 10 ** 12          # dia_object_id = (tract + 1) * stride + n
 
 plan_associate = plan_per_tract(ASSOCIATE, ("dia_source",), ("dia_source_visit",))
 plan_dia_calculation = plan_per_tract(DIA_CALCULATION, ("dia_object", "dia_object_forced_source"),
-                                       ("dia_source", "difference_image"))
+                                       ("dia_source", "difference_image", "object"))
 
 
 def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[int],
@@ -112,13 +112,15 @@ def forced_sources(diff: Exposure, objects: Table) -> Table:
 
 def dia_calculation(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
     """Forced photometry of every difference image on the tract at its DIA objects, and the
-    objects with their light-curve statistics (runs on a worker, one image in memory)."""
+    objects with their light-curve statistics (runs on a worker, one image in memory); the
+    tract's coadd objects tell stars from movers caught in a template."""
     dia_sources = read_table(storage, quantum.inputs["dia_source"][0])
     objects = dia_objects(dia_sources)
     forced = [forced_sources(Exposure.from_hdulist(read_fits(storage, u)), objects)
               for u in quantum.inputs["difference_image"]] if len(objects) else []
     forced = concatenate(forced) if forced else forced_sources_empty()
-    objects = light_curve_stats(objects, forced)
+    coadd_objects = [read_table(storage, u) for u in quantum.inputs["object"]]
+    objects = light_curve_stats(objects, forced, coadd_objects[0] if coadd_objects else None)
     objects.add_column(np.full(len(objects), quantum.data_id["tract"]), name="tract", index=1)
     out.write("dia_object", table_bytes(objects))
     out.write("dia_object_forced_source", table_bytes(forced))
@@ -132,14 +134,13 @@ def forced_sources_empty() -> Table:
 
 def plan_link(butler: Butler, storage: Storage, run: str, ids: list[int],
               collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """One quantum over the DIA sources and objects of every tract (fanned in to this site)."""
+    """One quantum over the DIA sources of every tract (fanned in to this site)."""
     outputs = ("ss_object", "ss_source")
     if data_key({}) in done_quanta(butler, collections, outputs):
         return [], 1, []
     existing = existing_collections(butler, collections)
-    inputs = {name: sorted(dataset_uri(butler, storage, r) for r in butler.registry.queryDatasets(
-        name, collections=existing, findFirst=True)) if existing else []
-        for name in ("dia_source", "dia_object")}
+    inputs = {"dia_source": sorted(dataset_uri(butler, storage, r) for r in butler.registry.queryDatasets(
+        "dia_source", collections=existing, findFirst=True)) if existing else []}
     if not inputs["dia_source"]:
         return [], 0, [{}]
     return [Quantum(LINK, {}, inputs, {o: output_uri(storage, run, o, {}) for o in outputs})], 0, []
@@ -147,16 +148,9 @@ def plan_link(butler: Butler, storage: Storage, run: str, ids: list[int],
 
 def link_solar_system_objects(quantum: Quantum, storage: Storage, out: OutputWriter,
                               config: dict) -> None:
-    """Tracklets and their links across nights from the DIA sources that association left
-    alone: positive, neither dipole nor star residual, the only source of their DIA object."""
+    """Tracklets and their links across nights from the DIA sources that can be movers."""
     sources = concatenate([read_table(storage, u) for u in quantum.inputs["dia_source"]])
-    objects = concatenate([read_table(storage, u) for u in quantum.inputs["dia_object"]])
-    if len(sources):
-        single = set(np.asarray(objects["dia_object_id"])[objects["n_dia_sources"] == 1].tolist())
-        alone = np.isin(sources["dia_object_id"], list(single))
-        sources = sources[alone & ~sources["is_negative"] & ~sources["is_dipole"]
-                          & ~sources["is_residual"]]
-    ss_object, ss_source = link(sources)
+    ss_object, ss_source = link(mover_candidates(sources))
     out.write("ss_object", table_bytes(ss_object))
     out.write("ss_source", table_bytes(ss_source))
 
