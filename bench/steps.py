@@ -84,7 +84,7 @@ def time_steps(size: int) -> tuple[float, float, float, float, float, int]:
         w = warp(image, njy_scale(image.metadata["ZP"]), wcs, shape)
         if w is not None:
             coadd = CoaddAccumulator(shape)
-            coadd.add(w, {})
+            coadd.add(w, {"psf_fwhm": float(image.metadata["PSF_FWHM"]) / PIXEL_SCALE})
             templates.append(coadd.coadd(wcs, fits.Header({"TRACT": first.tract, "PATCH": patch})))
     biggest = max(templates, key=lambda c: int(np.isfinite(c.variance).sum()))
     t_objects, _ = best_of(lambda: measure_objects({"r": biggest}, first.tract, 0))

@@ -205,6 +205,11 @@ def test_qa_against_truth(result):
     objects = [c for c in result["qa"] if c["metric"].startswith("coadd 50% completeness")]
     assert len(objects) >= 4 and all(abs(c["value"]) <= 0.2 for c in objects), objects
     assert all(c["pass"] for c in objects if c["metric"].split(",")[1][1] in "gri"), objects
+    # the coadd's PSF, made from its inputs, puts bright stars at their true flux (within 1%),
+    # and neighbours fitted together leave errors that describe the scatter (pulls 1 +- 0.15)
+    coadd_flux = [c for c in result["qa"]
+                  if c["metric"].startswith(("coadd PSF magnitudes", "coadd flux pulls"))]
+    assert len(coadd_flux) >= 8 and all(c["pass"] for c in coadd_flux), coadd_flux
     survey = [c for c in result["qa"] if c["metric"].startswith("survey")]
     assert len(survey) == 2 and all(c["pass"] for c in survey), survey
     assert result["qa_report"].endswith("qa.md")

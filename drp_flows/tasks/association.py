@@ -41,6 +41,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from scipy.stats import chi2 as chi2_dist
 
+from drp_flows.tasks.camera import BANDS
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 
 MATCH_RADIUS = 1.0                 # arcsec
@@ -193,7 +194,7 @@ def _star_in_other_bands(objects: Table, band: np.ndarray, flux: np.ndarray,
     dist, idx = tree.query(unit_vectors(np.asarray(objects["ra"]), np.asarray(objects["dec"])),
                            distance_upper_bound=chord(MATCH_RADIUS))
     near = np.isfinite(dist)
-    for b in "ugrizy":
+    for b in BANDS:
         if f"{b}_psf_flux" not in coadd_objects.colnames:
             continue
         f = np.asarray(coadd_objects[f"{b}_psf_flux"], float)[np.where(near, idx, 0)]
