@@ -104,17 +104,20 @@ def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.nda
     data, wvar, var = image.ravel()[flat], weight_var.ravel()[flat], variance.ravel()[flat]
     used = inside & (wvar > 0)
     w = np.where(used, prof / np.where(wvar > 0, wvar, 1), 0.0)
-    if simultaneous and len(x) > 1:
-        return _simultaneous_flux(image, variance, flat, used, w, prof)
     norm = (w * prof).sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (w * data).sum(axis=(1, 2)) / norm, np.sqrt((w * w * var).sum(axis=(1, 2))) / norm
+        flux, err = (w * data).sum(axis=(1, 2)) / norm, np.sqrt((w * w * var).sum(axis=(1, 2))) / norm
+    if simultaneous and len(x) > 1:
+        _fit_overlapping_together(flux, err, image, variance, flat, used, w, prof)
+    return flux, err
 
 
-def _simultaneous_flux(image: np.ndarray, variance: np.ndarray, flat: np.ndarray, used: np.ndarray,
-                       w: np.ndarray, prof: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least squares of all fluxes at once, solved per family of overlapping stamps:
-    A f = b with A = P W P^T, b = P W d, and the errors from A^-1 (P W V W P^T) A^-1."""
+def _fit_overlapping_together(flux: np.ndarray, err: np.ndarray, image: np.ndarray,
+                              variance: np.ndarray, flat: np.ndarray, used: np.ndarray,
+                              w: np.ndarray, prof: np.ndarray) -> None:
+    """Replace the fluxes and errors of sources whose stamps overlap by a weighted least
+    squares of each such family at once: A f = b with A = P W P^T, b = P W d, and the errors
+    from A^-1 (P W V W P^T) A^-1 (a lone source's solution is the one it already has)."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -124,24 +127,19 @@ def _simultaneous_flux(image: np.ndarray, variance: np.ndarray, flat: np.ndarray
     shape = (n, image.size)
     weighted = csr_matrix((w.ravel(), (rows, cols)), shape=shape)
     a = (weighted @ csr_matrix((np.where(used, prof, 0.0).ravel(), (rows, cols)), shape=shape).T).tocsr()
+    _, family = connected_components(a, directed=False)
+    crowded = (np.bincount(family)[family] > 1) & (a.diagonal() > 0)   # (no usable pixel: no flux)
+    if not crowded.any():
+        return
     b = weighted @ image.ravel()
     cov = (csr_matrix(((w * variance.ravel()[flat]).ravel(), (rows, cols)), shape=shape)
            @ weighted.T).tocsr()
-    diag = a.diagonal()
-    _, family = connected_components(a, directed=False)
-    flux, err = np.full(n, np.nan), np.full(n, np.nan)
-    size = np.bincount(family)
-    alone = (size[family] == 1) & (diag > 0)
-    flux[alone] = b[alone] / diag[alone]
-    err[alone] = np.sqrt(cov.diagonal()[alone]) / diag[alone]
-    crowded = (size[family] > 1) & (diag > 0)         # (no usable pixel: no flux)
     order = np.flatnonzero(crowded)[np.argsort(family[crowded], kind="stable")]
     starts = np.flatnonzero(np.r_[True, np.diff(family[order]) != 0])
-    for members in np.split(order, starts[1:]) if len(order) else []:
+    for members in np.split(order, starts[1:]):
         inverse = np.linalg.pinv(a[members][:, members].toarray())
         flux[members] = inverse @ b[members]
         err[members] = np.sqrt(np.diag(inverse @ cov[members][:, members].toarray() @ inverse))
-    return flux, err
 
 
 def psf_flux_scale(fwhm_used_px: float, fwhm_true_px: float) -> float:
