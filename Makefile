@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/build/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 
-.PHONY: env demo test bench lint slurm services chromium clean
+.PHONY: env demo test test-fast bench lint clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -29,20 +29,15 @@ $(PREFECT_HOME):
 demo: env | $(PREFECT_HOME)
 	$(VENV)/bin/drp demo --data data
 
-# A PostgreSQL server with a drp_test database, for the PostgreSQL registry test.
-services:
-	@bash .ci/postgres.sh || echo "make test: no PostgreSQL here; the PostgreSQL test will be skipped"
+# The whole suite against real parts: .ci/provision starts a single-node Slurm, PostgreSQL and
+# Chromium where this machine can run them (root, Debian) and makes their tests required there
+# (DRP_REQUIRE_*=1); a part it cannot run here is skipped, each test named in the summary (-ra).
+test: env | $(PREFECT_HOME)
+	required=$$(bash .ci/provision) && env $$required $(VENV)/bin/python -m pytest -ra --durations=25
 
-# A real single-node Slurm for the Slurm site test, when this machine allows it (root, Debian).
-slurm:
-	@bash .ci/slurm.sh || echo "make test: no Slurm here; the Slurm test will be skipped"
-
-# Debian's Chromium and ChromeDriver for the UI test, when this machine allows it (root, Debian).
-chromium:
-	@bash .ci/chromium.sh || echo "make test: no Chromium here; the UI test will be skipped"
-
-test: env slurm services chromium | $(PREFECT_HOME)
-	$(VENV)/bin/python -m pytest -ra
+# The inner loop: the unit tests (no campaign, no Prefect server, no Slurm), under 3 minutes.
+test-fast: env | $(PREFECT_HOME)
+	$(VENV)/bin/python -m pytest -ra -m "not e2e" --durations=10
 
 bench: env | $(PREFECT_HOME)
 	$(VENV)/bin/python bench/overhead.py

@@ -2,11 +2,14 @@
 # Make sure a PostgreSQL server answers on 127.0.0.1:5432 with a `drp_test` database that has the
 # btree_gist extension the Butler registry needs. Uses a running server when there is one;
 # otherwise installs Debian's and starts it (as root). Idempotent.
+# Exit 0: ready; 3: this machine cannot run it (no server, and not root or not Debian);
+# anything else: failed.
 set -euo pipefail
 export PGHOST=127.0.0.1 PGUSER=${PGUSER:-postgres}
 if ! pg_isready -q 2>/dev/null; then
-  if [ "$(id -u)" != 0 ]; then echo "postgres.sh: no server and not root" >&2; exit 1; fi
+  if [ "$(id -u)" != 0 ]; then echo "postgres.sh: no server and not root" >&2; exit 3; fi
   if ! command -v pg_ctlcluster >/dev/null; then
+    command -v apt-get >/dev/null || { echo "postgres.sh: no server and no apt-get (not Debian)" >&2; exit 3; }
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   fi

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Start a real single-node Slurm (Debian 12, Slurm 22.05) on this machine, as root. Idempotent:
 # a Slurm that already answers with an idle or busy node is left as it is.
+# Exit 0: ready; 3: this machine cannot run it (not root, not Debian); anything else: failed.
 set -euo pipefail
 if command -v sinfo >/dev/null && timeout 10 sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mix|alloc'; then
   exit 0
 fi
-if [ "$(id -u)" != 0 ]; then echo "slurm.sh: not root, cannot install Slurm" >&2; exit 1; fi
+if [ "$(id -u)" != 0 ]; then echo "slurm.sh: not root, cannot install Slurm" >&2; exit 3; fi
 if ! command -v slurmctld >/dev/null; then
-  command -v apt-get >/dev/null || { echo "slurm.sh: no apt-get" >&2; exit 1; }
+  command -v apt-get >/dev/null || { echo "slurm.sh: no apt-get (not Debian)" >&2; exit 3; }
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +29,61 @@ app = typer.Typer(help="Multi-site Data Release Processing on Prefect and Dask."
 # a wide table when piped to a file or CI log, the terminal's width otherwise
 console = Console(width=None if sys.stdout.isatty() else 140)
 POLL_SECONDS = 2.0    # how often live bars re-read the sites' progress files
+# how often a plain progress line is printed when stdout is no terminal
+PLAIN_SECONDS = float(os.environ.get("DRP_PROGRESS_SECONDS", "20"))
+
+
+@contextmanager
+def heartbeat(describe: Callable[[], str]):
+    """While the block runs with stdout not a terminal (a log file, CI), print a plain line
+    `describe()` every PLAIN_SECONDS (env DRP_PROGRESS_SECONDS), so that the log shows that
+    the command is alive and where it stands; in a terminal, the bars say it."""
+    if console.is_terminal:
+        yield
+        return
+    import threading
+
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(PLAIN_SECONDS):
+            minutes, seconds = divmod(int(time.monotonic() - start), 60)
+            try:
+                line = describe()
+            except Exception as e:         # a progress file caught half-written: say so, go on
+                line = f"progress not readable ({type(e).__name__}: {e})"
+            print(f"[{minutes}m{seconds:02d}s] {line}", flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def progress_line(rows: list[dict]) -> str:
+    """Per site, its latest stage: the step running (or last run), quanta finished of the
+    total and how many failed, e.g. `usdf stage1 calibrateImage 45/72, 0 failed`."""
+    from drp_flows.flows.stages import STAGES
+
+    order = list(STAGES)
+    latest: dict[str, str] = {}
+    for r in rows:
+        if r["site"] not in latest or order.index(r["stage"]) > order.index(latest[r["site"]]):
+            latest[r["site"]] = r["stage"]
+    parts = []
+    for site, stage in latest.items():
+        mine = [r for r in rows if r["site"] == site and r["stage"] == stage]
+        started = [r for r in mine if r["state"] != "waiting"]
+        running = [r for r in started if r["state"] == "running"]
+        step = (running or started or mine)[-1]["step"]
+        finished = sum(r["done"] + r["skipped"] for r in mine)
+        parts.append(f"{site} {stage} {step} {finished}/{sum(r['total'] for r in mine)}, "
+                     f"{sum(r['failed'] for r in mine)} failed")
+    return "progress: " + ("; ".join(parts) if parts else "starting (no stage has begun)")
 
 
 def _data_dir(data: Path | None) -> Path:
@@ -45,10 +101,15 @@ def simulate(out: Path = typer.Argument(..., help="directory for raws, calibs, r
 
     cfg = SurveyConfig(seed=seed, ccd_size=ccd_size, nights=nights,
                        rounds_per_night=rounds_per_night)
-    with Progress(console=console) as bar:
+    done = [0, 0]
+
+    def update(finished: int, total: int) -> None:
+        done[:] = finished, total
+        bar.update(job, completed=finished, total=total)
+
+    with Progress(console=console) as bar, heartbeat(lambda: f"simulating CCDs {done[0]}/{done[1]}"):
         job = bar.add_task("simulating CCDs", total=None)
-        simulate_survey(cfg, out, progress=lambda done, total: bar.update(job, completed=done,
-                                                                           total=total))
+        simulate_survey(cfg, out, progress=update)
     console.print(f"survey written to {out}")
 
 
@@ -58,7 +119,10 @@ def setup(survey: Path, sites: Path = LOCAL_SITES, data: Path | None = None):
     from drp_flows.flows.setup import setup_flow
 
     _data_dir(data)
-    for row in setup_flow(str(sites), str(survey.resolve())):
+    names = ", ".join(load_sites(sites).sites)
+    with heartbeat(lambda: f"setting up the Butlers of {names}"):
+        rows = setup_flow(str(sites), str(survey.resolve()))
+    for row in rows:
         console.print(f"{row['site']}: {row['visits']} visits, {row['raws']} raws in {row['repo']}")
 
 
@@ -211,9 +275,10 @@ def progress_rows(sites: CampaignSites, name: str) -> list[dict]:
 def live_progress(sites: CampaignSites, name: str, force: bool = False):
     """A bar per site and stage, from the progress files the stage flows write, refreshed
     while the block runs: in a terminal only (or `force`), with Prefect's console log lines
-    printed above the bars instead of through them."""
+    printed above the bars instead of through them. Elsewhere, a plain progress line."""
     if not (force or console.is_terminal):
-        yield
+        with heartbeat(lambda: progress_line(progress_rows(sites, name))):
+            yield
         return
     import logging
     import threading

@@ -40,8 +40,8 @@ def slurm():
 
 
 @pytest.mark.slurm
-def test_slurm_site_runs_a_step1_batch(slurm, local_sites, tmp_path):
-    site = load_sites(local_sites)["usdf"]
+def test_slurm_site_runs_a_step1_batch(slurm, three_sites, tmp_path):
+    site = load_sites(three_sites)["usdf"]
     butler = open_butler(site, writeable=True)
     visit = min(int(d["visit"]) for d in butler.registry.queryDataIds(
         ["visit"], datasets="raw", collections="ComCamSim/defaults", instrument=INSTRUMENT))

@@ -2,18 +2,15 @@
 server`, a process work pool and a worker per site, the deployments of
 deployments/prefect.yaml; `prefect deployment run 'drp-campaign/campaign'` of a small
 three-site campaign whose every stage runs as a run of its site's deployment on its site's
-worker, with the Prefect API on SQLite and again with it and the Butler registries on
-PostgreSQL; the weekly deployment's schedule, and two weekly runs a week apart."""
+worker (stage 1 of it here; the whole campaign runs in tests/test_production.py); the weekly
+deployment's schedule, and two weekly runs a week apart."""
 
 from __future__ import annotations
 
-import subprocess
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import yaml
 from astropy.time import Time
-from lsst.daf.butler import Config
 
 from drp_flows.flows.stages import read_progress, site_visits
 from drp_flows.flows.weekly import released_query, weekly_name
@@ -34,10 +31,20 @@ from prefect_ops import (
 )
 
 
+@pytest.fixture(scope="module")
+def sqlite_ops(survey, tmp_path_factory):
+    """The README's operations: a real `prefect server` (SQLite), a pool and worker per site
+    made with `prefect` commands, the deployments, and `prefect deployment run
+    drp-campaign/campaign` of stage 1 of a small campaign `ops1`: its environment and the
+    campaign's flow run."""
+    with operations(tmp_path_factory.mktemp("ops")) as env:
+        yield env, run_campaign(env, survey, SITE_FILE, "ops1", stages=["stage1"])
+
+
 @pytest.mark.timeout(1800)
-def test_deployment_run_completes_three_site_campaign(sqlite_ops):
+def test_deployment_run_completes_stage1_of_three_site_campaign(sqlite_ops, survey):
     env, flow_run = sqlite_ops
-    check_campaign(env, SITE_FILE, "ops1", flow_run)
+    check_campaign(env, survey, SITE_FILE, "ops1", flow_run, stages=("stage1",))
 
 
 def test_weekly_deployment_is_scheduled_mondays_0600_utc(sqlite_ops):
@@ -100,35 +107,3 @@ def test_weekly_runs_take_released_exposures_and_redo_nothing(sqlite_ops, tmp_pa
         images = {int(r.dataId["visit"]) for r in butler.registry.queryDatasets(
             "preliminary_visit_image", collections=f"ComCamSim/runs/{second}")}
         assert images == released[1], site
-
-
-@pytest.fixture(scope="module")
-def postgres_ops(postgres_url, survey, tmp_path_factory):
-    """The same operations with the Prefect API database and every site's Butler registry on
-    PostgreSQL (a fresh database for the server; a schema per site in drp_test), the pools
-    and workers started by `drp workers`."""
-    database = "drp_prefect_ops"
-    for sql in (f"DROP DATABASE IF EXISTS {database} WITH (FORCE)", f"CREATE DATABASE {database}"):
-        subprocess.run(["psql", postgres_url("postgres"), "-qc", sql], check=True)
-    tmp = tmp_path_factory.mktemp("ops-pg")
-    sites = yaml.safe_load((ROOT / SITE_FILE).read_text())
-    for site in sites["sites"].values():
-        site["butler"] = {"registry": postgres_url("drp_test")}
-    site_file = tmp / "sites.yaml"
-    site_file.write_text(yaml.safe_dump(sites))
-    server_db = postgres_url(database).replace("postgresql://", "postgresql+asyncpg://")
-    with operations(tmp, database_url=server_db, site_file=str(site_file)) as env:
-        yield env, str(site_file), run_campaign(env, survey, str(site_file), "ops2"), database
-
-
-@pytest.mark.timeout(1800)
-def test_postgres_deployment_run_completes_three_site_campaign(postgres_ops, postgres_url):
-    env, site_file, flow_run, database = postgres_ops
-    check_campaign(env, site_file, "ops2", flow_run)
-    # and it was PostgreSQL underneath: the server's flow runs, every site's registry
-    count = subprocess.run(["psql", postgres_url(database), "-tAc",
-                            "SELECT count(*) FROM flow_run WHERE name LIKE 'ops2%'"],
-                           check=True, capture_output=True, text=True).stdout
-    assert int(count) > len(SITES) * 4
-    for site in load_sites(site_file, DRP_DATA=env["DRP_DATA"]).sites.values():
-        assert Config(f"{site.repo_dir}/butler.yaml")["registry", "db"] == postgres_url("drp_test")

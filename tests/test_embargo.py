@@ -1,82 +1,112 @@
-"""A whole campaign under embargo: the last night of the test survey is embargoed, usdf (the
-campaign site) is the embargo site. Its raws and everything made from them stay at usdf; no
-file or dataset of an embargoed visit ever appears at frdf or ukdf; an attempt to send one
-there is refused with an error naming the datasets and sites."""
+"""The embargo in the shared campaign (tests/conftest.py): the survey's last two visits are under
+embargo and usdf is the embargo site. They are processed there, and nothing made from them, by
+any number of steps, is at frdf or ukdf: every dataset outside usdf is traced back through the
+inputs its quantum read (the manifests kept beside each repository) to the visits it was made
+from. A transfer that would send embargoed data out is refused, naming datasets and sites; a
+neighbour gets no boundary CCD of an embargoed visit."""
 
-from datetime import timedelta
+import json
 
 import pytest
-from astropy.time import Time
 
+from drp_flows.datamodel import DEFAULTS, campaign_collection
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
-from drp_flows.tasks.simulate import load_survey
+from drp_flows.tasks.register import read_manifests
 from drp_flows.tasks.transfer import EmbargoError
 
-CAMPAIGN = "embargo1"
+
+def made_from(site, campaign: str, made_here_only: bool = False) -> dict[str, set[int]]:
+    """The visits each of a campaign's datasets at a site was made from, by its description
+    ("type {data ID}"): a per-visit or per-CCD dataset holds its own visit's data; any other,
+    the union of what its quantum's inputs were made from. A dataset that has neither a visit
+    nor a manifest saying what it was made from fails the test, naming it, unless
+    `made_here_only` (the campaign site, which also holds what other sites made)."""
+    butler = open_butler(site)
+    prefix = campaign_collection(campaign) + "/"
+    runs = [c for c in butler.registry.getCollectionChain(campaign_collection(campaign))
+            if c.startswith(prefix)]
+    refs = list(butler.registry.queryDatasets(..., collections=runs))
+    inputs = list(butler.registry.queryDatasets(..., collections=DEFAULTS))
+    from_setup = {ref.id for ref in inputs}
+    by_uri = {site.store.from_butler_uri(uris.primaryURI): ref
+              for ref, uris in butler.get_many_uris(refs + inputs).items()}
+    read = {}
+    for row in read_manifests(site.store, runs):
+        values = json.loads(row["inputs"]).values()
+        read[row["uri"]] = [u for v in values for u in (v if isinstance(v, list) else [v])
+                            if isinstance(u, str) and u.startswith(site.store.root)]
+    visits: dict[str, set[int]] = {}
+
+    def of(uri: str) -> set[int]:
+        if uri not in visits:
+            ref = by_uri[uri]
+            ids = ref.dataId.required
+            if "visit" in ids or "exposure" in ids:
+                visits[uri] = {int(ids["visit"] if "visit" in ids else ids["exposure"])}
+            elif uri in read:
+                visits[uri] = set().union(*(of(u) for u in read[uri]))
+            else:                         # calibrations, reference catalog, skymap
+                assert ref.id in from_setup or made_here_only, \
+                    f"{site.name}: nothing says what {ref} was made from"
+                visits[uri] = set()
+        return visits[uri]
+
+    return {f"{ref.datasetType.name} {dict(ref.dataId.required)}": of(uri)
+            for uri, ref in by_uri.items() if ref.id not in from_setup}
 
 
-@pytest.fixture(scope="module")
-def embargo_sites(prefect_api, survey, tmp_path_factory):
-    """The three local sites, in their own folders, with the survey's last night embargoed."""
-    from drp_flows.flows.setup import setup_flow
-
-    _, visits = load_survey(survey)
-    now = Time(visits["mjd"].max(), format="mjd", scale="tai").utc.to_datetime() + timedelta(hours=1)
-    root = tmp_path_factory.mktemp("embargo")
-    lines = ["campaign_site: usdf", f"embargo: {{hours: 12, now: '{now.isoformat()}'}}", "sites:"]
-    for name, tracts, flags in (("usdf", "[0, 1]", "    embargo: true"), ("frdf", "[2, 3]", ""),
-                                ("ukdf", "[4, 5]", "")):
-        lines += [f"  {name}:", "    cluster: {kind: local, jobs: 1, threads_per_worker: 1}",
-                  f"    storage: file://{root}/{name}", f"    sky: {{tracts: {tracts}}}", flags]
-    site_file = root / "sites.yaml"
-    site_file.write_text("\n".join(lines) + "\n")
-    setup_flow(str(site_file), str(survey))
-    last_night = visits["night"] == visits["night"].max()
-    return str(site_file), {int(v) for v in visits["visit"][last_night]}
+def test_embargoed_visits_processed_at_the_embargo_site(campaign):
+    usdf = open_butler(load_sites(campaign.site_file)["usdf"])
+    assert len(campaign.embargoed) == 2
+    for dataset_type in ("preliminary_visit_image", "visit_summary", "difference_image"):
+        done = {int(r.dataId["visit"]) for r in usdf.registry.queryDatasets(
+            dataset_type, collections=campaign_collection(campaign.name))}
+        assert campaign.embargoed <= done, dataset_type
 
 
-@pytest.fixture(scope="module")
-def campaign(embargo_sites):
-    from drp_flows.flows.campaign import campaign_flow
-
-    site_file, _ = embargo_sites
-    return campaign_flow(site_file, CAMPAIGN)
-
-
-def test_embargoed_visits_processed_at_the_embargo_site(embargo_sites, campaign):
-    site_file, embargoed = embargo_sites
-    usdf = open_butler(load_sites(site_file)["usdf"])
-    calibrated = {int(r.dataId["visit"]) for r in usdf.registry.queryDatasets(
-        "preliminary_visit_image", collections=f"ComCamSim/runs/{CAMPAIGN}")}
-    assert embargoed <= calibrated
-    final = {int(r.dataId["visit"]) for r in usdf.registry.queryDatasets(
-        "visit_summary", collections=f"ComCamSim/runs/{CAMPAIGN}")}
-    assert embargoed <= final
-    assert not [r for r in campaign["progress"] if r["failed"]], campaign["quarantined"]
-
-
-def test_nothing_embargoed_lands_outside_the_embargo_site(embargo_sites, campaign):
-    site_file, embargoed = embargo_sites
-    sites = load_sites(site_file)
+def test_nothing_made_from_embargoed_visits_leaves_the_embargo_site(campaign):
+    sites = load_sites(campaign.site_file)
+    # the walk finds embargoed visits where they are: in usdf's tract-level products
+    at_usdf = made_from(sites["usdf"], campaign.name, made_here_only=True)
+    assert any(visits & campaign.embargoed for name, visits in at_usdf.items()
+               if name.startswith(("deep_coadd ", "object ", "dia_object ")))
     for name in ("frdf", "ukdf"):
-        site = sites[name]
-        butler = open_butler(site)
-        ids = {int(r.dataId[k]) for r in butler.registry.queryDatasets(..., collections=...)
-               for k in ("visit", "exposure") if k in r.dataId.required}
-        assert ids and not ids & embargoed, name
-        files = site.store.fs.find(site.store.path(site.store.root))
-        assert files and not [f for f in files if any(str(v) in f for v in embargoed)], name
+        found = made_from(sites[name], campaign.name)
+        tract_level = [d for d, visits in found.items() if "'tract'" in d and visits]
+        assert len(tract_level) > 50, (name, len(tract_level))    # coadds, objects, maps, DIA
+        leaked = {d: sorted(v & campaign.embargoed) for d, v in found.items()
+                  if v & campaign.embargoed}
+        assert not leaked, (name, leaked)
     # frdf's visits did arrive there, with their calibration from usdf
-    assert any(t["destination"] == "frdf" and t["files"] for t in campaign["transfers"])
+    assert any(t["destination"] == "frdf" and t["files"] for t in campaign.result["transfers"])
 
 
-def test_sending_embargoed_data_out_is_refused(embargo_sites, campaign):
+def test_sending_embargoed_data_out_is_refused(campaign):
     from drp_flows.flows.campaign import transfer_task
 
-    site_file, embargoed = embargo_sites
-    visit = min(embargoed)
+    visit = min(campaign.embargoed)
     with pytest.raises(EmbargoError, match=rf"may not go from usdf to frdf, which is not an "
                                            rf"embargo site: preliminary_visit_image .*{visit}"):
-        transfer_task.fn(site_file, CAMPAIGN, "leak", "usdf", "frdf", ["preliminary_visit_image"],
-                         [visit])
+        transfer_task.fn(campaign.site_file, campaign.name, "leak", "usdf", "frdf",
+                         ["preliminary_visit_image"], [visit])
+
+
+def test_no_boundary_ccd_of_an_embargoed_visit_goes_to_a_neighbour(campaign, tmp_path):
+    """With the embargo period over all of usdf's visits of the last night, the CCDs usdf would
+    send its neighbours leave out exactly those of the embargoed visits."""
+    import yaml
+
+    from drp_flows.flows.campaign import boundary_ccds
+
+    sites = yaml.safe_load(open(campaign.site_file).read())
+    sites["embargo"]["hours"] = 13
+    longer = tmp_path / "sites.yaml"
+    longer.write_text(yaml.safe_dump(sites))
+    embargoed = load_sites(longer).embargo.embargoed_exposures(
+        open_butler(load_sites(longer)["usdf"]))
+    assert embargoed > campaign.embargoed
+    released, held = boundary_ccds(campaign.site_file, "usdf"), boundary_ccds(str(longer), "usdf")
+    assert {v for ccds in released.values() for v, _ in ccds} & embargoed
+    for neighbour in ("frdf", "ukdf"):
+        assert held[neighbour] == [c for c in released[neighbour] if c[0] not in embargoed]

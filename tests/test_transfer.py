@@ -125,9 +125,9 @@ def test_s3_to_s3_across_two_endpoints(s3_credentials):
             items[0].destination_uri)
 
 
-def test_embargoed_datasets_are_refused_outside_embargo_sites(local_sites):
+def test_embargoed_datasets_are_refused_outside_embargo_sites(three_sites):
     """The last night is under embargo: its raws may go to an embargo site, never to frdf."""
-    sites = load_sites(local_sites)
+    sites = load_sites(three_sites)
     usdf, frdf = open_butler(sites["usdf"]), open_butler(sites["frdf"])
     begins = {int(r.id): r.timespan.begin for r in usdf.registry.queryDimensionRecords("exposure")}
     last = max(begins.values()).to_datetime()

@@ -3,6 +3,7 @@ visits that began before its time, and reuses the previous weekly's single-frame
 
 from datetime import UTC, datetime, timedelta
 
+import yaml
 from astropy.time import Time
 
 from drp_flows.flows.stages import site_visits
@@ -16,17 +17,22 @@ def test_weekly_names_are_iso_weeks():
     assert weekly_name(datetime(2027, 1, 4, 6, tzinfo=UTC)) == "w_2027_01"
 
 
-def test_released_visits_follow_the_embargo_period(local_sites, tmp_path):
+def test_released_visits_follow_the_embargo_period(three_sites, tmp_path):
     """A visit of the second night is out of a weekly run 12 hours after it (24-hour embargo)
     and in the next week's; without an embargo the cut is the run's own time."""
-    embargoed = tmp_path / "sites.yaml"
-    embargoed.write_text(open(local_sites).read() + "embargo: {hours: 24}\n")
+    sites = yaml.safe_load(open(three_sites).read())
+    sites["embargo"] = {"hours": 24}
+    embargoed = tmp_path / "embargoed.yaml"
+    embargoed.write_text(yaml.safe_dump(sites))
+    del sites["embargo"]
+    free = tmp_path / "free.yaml"
+    free.write_text(yaml.safe_dump(sites))
     night2 = Time(FIRST_NIGHT_MJD + 1, format="mjd").to_datetime(timezone=UTC)
-    everything = site_visits(local_sites, "usdf")
+    everything = site_visits(three_sites, "usdf")
     first_night = [v for v in everything if v // 100000 == everything[0] // 100000]
     assert 0 < len(first_night) < len(everything)
     as_of = night2 + timedelta(hours=12)
-    assert site_visits(local_sites, "usdf", released_query(str(embargoed), as_of)) == first_night
-    assert site_visits(local_sites, "usdf",
+    assert site_visits(three_sites, "usdf", released_query(str(embargoed), as_of)) == first_night
+    assert site_visits(three_sites, "usdf",
                        released_query(str(embargoed), as_of + timedelta(days=7))) == everything
-    assert site_visits(local_sites, "usdf", released_query(local_sites, as_of)) == everything
+    assert site_visits(three_sites, "usdf", released_query(str(free), as_of)) == everything

@@ -41,7 +41,7 @@ from drp_flows.flows.stages import (
     stage_groups,
 )
 from drp_flows.sites.butler import open_butler
-from drp_flows.sites.clusters import running_cluster
+from drp_flows.sites.clusters import running_clusters
 from drp_flows.sites.config import LOCAL_SITES, SiteConfig, load_sites
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.pipeline import LABELS
@@ -311,10 +311,12 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
     with ExitStack() as stack:
         # a site with a deployment starts its own clusters, at the site
         here = {name: site for name, site in sites.sites.items() if not site.deployment}
-        addresses = {name: stack.enter_context(running_cluster(site.cluster))
-                     for name, site in here.items()}
-        long_addresses = {name: stack.enter_context(running_cluster(site.long_cluster))
-                          for name, site in here.items() if site.long_cluster}
+        started = stack.enter_context(running_clusters(
+            {(name, "short"): site.cluster for name, site in here.items()}
+            | {(name, "long"): site.long_cluster for name, site in here.items() if site.long_cluster}))
+        addresses = {name: address for (name, pool), address in started.items() if pool == "short"}
+        long_addresses = {name: address for (name, pool), address in started.items()
+                          if pool == "long"}
         logger.info("clusters: %s, long-quantum clusters: %s", addresses, long_addresses)
         for stage, movements in PLAN:
             if stage not in chosen:

@@ -12,7 +12,7 @@ import json
 import re
 import time
 import uuid
-from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from distributed import Client
@@ -24,7 +24,7 @@ from prefect.futures import as_completed
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
 from drp_flows.sites.butler import open_butler
-from drp_flows.sites.clusters import running_cluster
+from drp_flows.sites.clusters import running_clusters
 from drp_flows.sites.config import SiteConfig, load_sites
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks import step1, step2, step3, step4, step5, step7
@@ -105,8 +105,10 @@ def register_task(butler: Butler, storage: Storage, results: list[QuantumResult]
 
 
 def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: list[Quantum],
-             run: str, config: dict, batch_size: int, progress: StepProgress) -> None:
-    """Run the quanta of one step in batches and register each batch as it finishes."""
+             run: str, config: dict, batch_size: int, progress: StepProgress,
+             on_batch: Callable[[], None] = lambda: None) -> None:
+    """Run the quanta of one step in batches and register each batch as it finishes;
+    `on_batch` is called after each registration (the group's progress file is rewritten)."""
     batches = cluster_quanta(quanta, LABELS[step].cluster_by, batch_size)
     token = uuid.uuid4().hex[:8]
     futures = [run_batch_task.with_options(name=f"run batch {step} {i + 1}/{len(batches)}")
@@ -122,6 +124,7 @@ def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: 
                 progress.failed += 1
                 progress.failures.append({"data_id": r.data_id, "error_class": r.error_class,
                                           "error": r.error, "inputs": r.inputs.get("raw", "")})
+        on_batch()
 
 
 def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
@@ -258,7 +261,7 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
         write_progress(site_cfg, campaign, stage, group, progress)
         start = time.perf_counter()
         run_step(butler, site_cfg, long_address if long else address, p.step, quanta, run, config,
-                 batch_size, p)
+                 batch_size, p, lambda: write_progress(site_cfg, campaign, stage, group, progress))
         p.seconds = time.perf_counter() - start
         p.finish()
         write_progress(site_cfg, campaign, stage, group, progress)
@@ -309,9 +312,9 @@ def site_stage_flow(site_file: str, site: str, campaign: str, stage: str, where:
         attempt: The group attempt (a rescue is a new one).
     """
     cfg = load_sites(site_file)[site]
-    with ExitStack() as stack:
-        address = stack.enter_context(running_cluster(cfg.cluster))
-        long_address = (stack.enter_context(running_cluster(cfg.long_cluster))
-                        if cfg.long_cluster and needs_long_cluster(stage) else None)
-        return run_stage_groups(site_file, site, campaign, stage, address, long_address, where,
-                                group_size, tracts_per_group, batch_size, attempt)
+    clusters = {"short": cfg.cluster} | (
+        {"long": cfg.long_cluster} if cfg.long_cluster and needs_long_cluster(stage) else {})
+    with running_clusters(clusters) as started:
+        return run_stage_groups(site_file, site, campaign, stage, started["short"],
+                                started.get("long"), where, group_size, tracts_per_group,
+                                batch_size, attempt)

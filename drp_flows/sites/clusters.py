@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from distributed import Client, LocalCluster
 
@@ -17,9 +18,11 @@ from drp_flows.sites.config import ClusterConfig
 
 
 def _local(cfg: ClusterConfig):
-    kwargs = {"n_workers": cfg.jobs, "threads_per_worker": 1, "processes": True,
-              "dashboard_address": ":0", **cfg.backend_kwargs}
-    return LocalCluster(**kwargs)
+    kwargs = {"threads_per_worker": 1, "processes": True, "dashboard_address": ":0",
+              **cfg.backend_kwargs}
+    cluster = LocalCluster(n_workers=0, **kwargs)
+    cluster.scale(cfg.jobs)          # the workers start in the background, as batch jobs do
+    return cluster
 
 
 def _jobqueue(class_name: str):
@@ -40,24 +43,51 @@ BACKENDS = {
 
 
 def make_cluster(cfg: ClusterConfig):
-    """A new cluster object for a jobqueue or local kind (not started for kind=address)."""
+    """A new cluster object for a jobqueue or local kind (not started for kind=address): its
+    scheduler runs, its workers are on their way."""
     if cfg.kind not in BACKENDS:
         raise ValueError(f"cluster kind {cfg.kind!r} has no backend to start")
     return BACKENDS[cfg.kind](cfg)
 
 
 @contextlib.contextmanager
+def running_clusters(configs: dict, wait_for_workers: int = 1,
+                     timeout: float = 120) -> Iterator[dict]:
+    """Start (or attach to) several clusters, wait for the first workers of all of them at
+    once (seconds to minutes each, on a batch system or a busy machine), yield their scheduler
+    addresses by the same keys, and stop them when the block ends. The schedulers are made one
+    after the other: made at once, they race to import distributed's dashboard."""
+    with contextlib.ExitStack() as stack:
+        addresses = {}
+        for key, cfg in configs.items():
+            if cfg.kind == "address":
+                addresses[key] = cfg.address
+                continue
+            cluster = make_cluster(cfg)
+            stack.callback(cluster.close)
+            addresses[key] = cluster.scheduler_address
+
+        def wait(key) -> None:
+            with Client(addresses[key], set_as_default=False) as client:
+                try:
+                    client.wait_for_workers(min(wait_for_workers, max(configs[key].jobs, 1)),
+                                            timeout=timeout)
+                except TimeoutError as e:
+                    raise RuntimeError(
+                        f"cluster {key} ({configs[key].kind}): no worker joined in {timeout:.0f} s; "
+                        "the log above says why one did not start (an option the workers do "
+                        "not accept, a queue that does not run the job, ...)") from e
+
+        if wait_for_workers:
+            with ThreadPoolExecutor(max(len(configs), 1)) as pool:
+                list(pool.map(wait, [k for k, cfg in configs.items() if cfg.kind != "address"]))
+        yield addresses
+
+
+@contextlib.contextmanager
 def running_cluster(cfg: ClusterConfig, wait_for_workers: int = 1,
                     timeout: float = 120) -> Iterator[str]:
-    """Start (or attach to) a cluster, wait for its first workers, yield the scheduler address."""
-    if cfg.kind == "address":
-        yield cfg.address
-        return
-    cluster = make_cluster(cfg)
-    try:
-        if wait_for_workers:
-            with Client(cluster.scheduler_address) as client:
-                client.wait_for_workers(min(wait_for_workers, max(cfg.jobs, 1)), timeout=timeout)
-        yield cluster.scheduler_address
-    finally:
-        cluster.close()
+    """Start (or attach to) one cluster, wait for its first workers, yield its scheduler
+    address."""
+    with running_clusters({"": cfg}, wait_for_workers, timeout) as addresses:
+        yield addresses[""]

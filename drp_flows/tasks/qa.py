@@ -297,7 +297,9 @@ class Step2QA:
 
     def summary(self) -> dict:
         bands = sorted(set(self.per_ccd["band"])) if len(self.per_ccd) else []
-        return {"zp_rms_mmag_by_band": {b: self._rms("zp_err_mmag", b) for b in bands},
+        return {"zp_rms_mmag": self._rms("zp_err_mmag"),
+                "single_frame_zp_rms_mmag": self._rms("prelim_err_mmag"),
+                "zp_rms_mmag_by_band": {b: self._rms("zp_err_mmag", b) for b in bands},
                 "single_frame_zp_rms_mmag_by_band": {b: self._rms("prelim_err_mmag", b) for b in bands},
                 "star_offset_rms_mmag_by_band": {b: self._rms("offset_mmag", b) for b in bands},
                 "single_frame_star_offset_rms_mmag_by_band": {b: self._rms("prelim_offset_mmag", b)

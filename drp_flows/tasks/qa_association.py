@@ -96,8 +96,10 @@ class Step5QA:
 
     def summary(self) -> dict:
         return {"n_dia_objects": self.n_dia_objects, "n_flagged": self.n_flagged,
+                "n_detectable": self.n_detectable, "n_recovered": self.n_recovered,
+                "n_not_variable": self.n_not_variable, "n_false_flags": self.n_false_flags,
                 "n_ss_objects": self.n_ss_objects, "n_findable": self.n_findable,
-                "n_false_links": self.n_false_links}
+                "n_linked": self.n_linked, "n_false_links": self.n_false_links}
 
     def plot(self, plt, out: Path) -> str | None:
         if not self.light_curves and not self.tracks:

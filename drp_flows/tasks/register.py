@@ -3,18 +3,26 @@
 Workers wrote the files inside the site's datastore root; registration records them in place
 (transfer=None), one call per batch, skipping datasets that are already registered.
 It runs in the flow process, the only writer of the site's registry.
+
+The manifests themselves are kept beside the repository (`<storage>/manifests/<run>/`, one
+Parquet table per batch): every output's dataset ID, URI, size and sha256, and the inputs its
+quantum read, so that its bytes can be verified and its provenance traced later.
 """
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from dataclasses import dataclass
 
+from astropy.table import Table, vstack
 from lsst.daf.butler import Butler, DatasetIdGenEnum, DatasetRef, FileDataset
 
 from drp_flows.sites.butler import formatter_for
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
+from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.quanta import OutputManifest, QuantumResult
 
 
@@ -34,14 +42,15 @@ def register_outputs(butler: Butler, storage: Storage, results: list[QuantumResu
     stays proportional to the batch, never to what the run already holds.
     """
     start = time.perf_counter()
-    manifests: list[OutputManifest] = [m for r in results if r.ok for m in r.outputs]
+    manifests: list[tuple[OutputManifest, QuantumResult]] = [(m, r) for r in results if r.ok
+                                                             for m in r.outputs]
     reg = Registration(run)
     if not manifests:
         return reg
     butler.registry.registerRun(run)
-    types = {name: butler.get_dataset_type(name) for name in {m.dataset_type for m in manifests}}
+    types = {name: butler.get_dataset_type(name) for name in {m.dataset_type for m, _ in manifests}}
     datasets = []
-    for m in manifests:
+    for m, _ in manifests:
         dataset_type = types[m.dataset_type]
         data_id = m.data_id
         if "instrument" in dataset_type.dimensions.names and "instrument" not in data_id:
@@ -51,6 +60,33 @@ def register_outputs(butler: Butler, storage: Storage, results: list[QuantumResu
         datasets.append(FileDataset(path=storage.butler_uri_of(m.uri), refs=[ref],
                                     formatter=formatter_for(dataset_type.storageClass_name)))
     butler.ingest(*datasets, transfer=None, skip_existing=True)
+    keep_manifests(storage, run, [(d.refs[0], m, r) for d, (m, r) in zip(datasets, manifests,
+                                                                          strict=True)])
     reg.datasets = len(datasets)
     reg.seconds = time.perf_counter() - start
     return reg
+
+
+def manifest_folder(storage: Storage, run: str) -> str:
+    return storage.join("manifests", run)
+
+
+def keep_manifests(storage: Storage, run: str,
+                   registered: list[tuple[DatasetRef, OutputManifest, QuantumResult]]) -> None:
+    """One Parquet table of a batch's manifests, beside the repository."""
+    table = Table(rows=[(str(ref.id), m.dataset_type, json.dumps(m.data_id), m.uri, m.bytes,
+                         m.sha256, f"{r.step} {r.data_id}", r.seconds, r.peak_rss_mb, json.dumps(r.inputs))
+                        for ref, m, r in registered],
+                  names=("dataset_id", "dataset_type", "data_id", "uri", "bytes", "sha256",
+                         "quantum", "seconds", "peak_rss_mb", "inputs"))
+    uri = f"{manifest_folder(storage, run)}/{uuid.uuid4().hex}.parq"
+    with storage.open(uri, "wb") as f:
+        f.write(table_bytes(table))
+
+
+def read_manifests(storage: Storage, runs: list[str]) -> Table:
+    """Every kept manifest of the given RUNs (one row per registered output)."""
+    paths = [p for run in runs
+             for p in storage.fs.glob(storage.path(manifest_folder(storage, run)) + "/*.parq")]
+    tables = [read_table(storage, f"{storage.scheme}://{p}") for p in sorted(paths)]
+    return vstack(tables) if tables else Table()
