@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
 import drp_flows  # noqa: F401  (offline Prefect defaults before Prefect is imported)
 from drp_flows.sites.config import load_sites
@@ -68,13 +69,14 @@ def monkeypatch_session():
 
 
 def write_site_file(path: Path, campaign_site: str, sites: dict[str, dict[str, str]],
-                    embargo: str = "") -> str:
-    """A site file: each site a LocalCluster of one single-threaded worker and the given keys
-    (YAML values); `embargo` the embargo period's YAML mapping, if any."""
+                    embargo: str = "", cluster: str = "{kind: local, jobs: 1, threads_per_worker: 1}"
+                    ) -> str:
+    """A site file: each site the given cluster (a LocalCluster of one single-threaded worker
+    process) and keys (YAML values); `embargo` the embargo period's YAML mapping, if any."""
     lines = [f"campaign_site: {campaign_site}"] + ([f"embargo: {embargo}"] if embargo else [])
     lines.append("sites:")
     for name, keys in sites.items():
-        lines += [f"  {name}:", "    cluster: {kind: local, jobs: 1, threads_per_worker: 1}"]
+        lines += [f"  {name}:", f"    cluster: {cluster}"]
         lines += [f"    {k}: {v}" for k, v in keys.items()]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -116,66 +118,118 @@ def moto_endpoint(s3_credentials):
         yield endpoint
 
 
-@pytest.fixture(scope="session")
-def three_sites(prefect_api, survey, moto_endpoint, tmp_path_factory) -> str:
-    """The three sites of the shared campaign, set up from the test survey: usdf, the campaign
-    and embargo site, tracts 4 and 5, with a cluster of its own for long quanta; frdf, tracts 1
-    to 3; ukdf, tract 0, whose storage and Butler datastore are on S3 (a moto_server, whose
-    every request costs this machine's CPU: one tract keeps the site as quick as the others).
-    The survey's last two visits are under embargo."""
-    from drp_flows.flows.setup import setup_flow
-
-    root = tmp_path_factory.mktemp("sites")
-    site_file = write_site_file(root / "sites.yaml", "usdf", {
-        "usdf": {"long_cluster": "{kind: local, jobs: 1, threads_per_worker: 1}",
-                 "storage": f"file://{root}/usdf", "embargo": "true", "sky": "{tracts: [4, 5]}"},
-        "frdf": {"storage": f"file://{root}/frdf", "sky": "{tracts: [1, 2, 3]}"},
-        "ukdf": {"storage": f"s3://{UKDF_BUCKET}/drp", "butler": f"{{repo: {root}/ukdf-repo}}",
-                 "storage_options": f'{{endpoint_url: "{moto_endpoint}"}}',
-                 "sky": "{tracts: [0]}"},
-    }, embargo=last_visits_embargo(survey))
-    setup_flow(site_file, str(survey))
-    return site_file
-
-
-@dataclass
-class Campaign:
-    """The shared campaign: its name, site file, what `campaign_flow` returned, the CCD whose
-    raw was truncated at frdf before it ran, and the embargoed visits."""
-
-    name: str
-    site_file: str
-    result: dict
-    corrupt: dict
-    embargoed: set[int]
-
-
-@pytest.fixture(scope="session")
-def campaign(three_sites, survey) -> Campaign:
-    """One whole three-site campaign with QA against truth, shared by every test that only reads
-    its results: visit groups of at most 5 visits (each site's 8 in two), a tract a group,
-    and one truncated raw at frdf."""
-    from drp_flows.flows.campaign import campaign_flow
-    from drp_flows.sites.butler import open_butler
-
-    sites = load_sites(three_sites)
-    corrupt = corrupt_raw(sites["frdf"])
-    result = campaign_flow(three_sites, CAMPAIGN, survey=str(survey), **CAMPAIGN_GROUPS)
-    embargoed = sites.embargo.embargoed_exposures(open_butler(sites["usdf"]))
-    return Campaign(CAMPAIGN, three_sites, result, corrupt, embargoed)
+def postgres_server() -> str | None:
+    """The PostgreSQL server `make test` starts (.ci/postgres.sh), or None if there is none
+    (a failure where DRP_REQUIRE_POSTGRES=1)."""
+    if subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0:
+        return os.environ.get("DRP_TEST_POSTGRES_SERVER", "postgresql://postgres@127.0.0.1:5432")
+    if os.environ.get("DRP_REQUIRE_POSTGRES") == "1":
+        pytest.fail("DRP_REQUIRE_POSTGRES=1 but no PostgreSQL on 127.0.0.1:5432 (make test runs "
+                    ".ci/postgres.sh to start one)")
+    return None
 
 
 @pytest.fixture(scope="session")
 def postgres_url():
     """URL of a database on the PostgreSQL server `make test` starts (.ci/postgres.sh)."""
-    ready = subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0
-    if not ready:
-        reason = "no PostgreSQL on 127.0.0.1:5432 (make test runs .ci/postgres.sh to start one)"
-        if os.environ.get("DRP_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"DRP_REQUIRE_POSTGRES=1 but {reason}")
-        pytest.skip(reason)
-    server = os.environ.get("DRP_TEST_POSTGRES_SERVER", "postgresql://postgres@127.0.0.1:5432")
+    server = postgres_server()
+    if server is None:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (make test runs .ci/postgres.sh to start one)")
     return lambda database: f"{server}/{database}"
+
+
+THREADS = "{kind: local, jobs: 1, threads_per_worker: 1, processes: false}"
+
+
+@pytest.fixture(scope="session")
+def three_sites(prefect_api, survey, moto_endpoint, tmp_path_factory) -> str:
+    """The three sites of the shared campaign, in production form, set up from the test survey:
+    each runs its stages as its own deployment on its own work pool, on a cluster of threads in
+    the stage's process; every registry on PostgreSQL where the machine has it (a schema per
+    site), SQLite otherwise. usdf is the campaign and embargo site, tracts 4 and 5, with a
+    cluster of its own for long quanta; frdf has tracts 1 to 3; ukdf tract 0, its storage and
+    Butler datastore on S3 (a moto_server, whose every request costs this machine's CPU: one
+    tract keeps the site as quick as the others). The survey's last two visits are under
+    embargo."""
+    from drp_flows.flows.setup import setup_flow
+
+    root = tmp_path_factory.mktemp("sites")
+    server = postgres_server()
+    registry = {"butler": f'{{registry: "{server}/drp_test"}}'} if server else {}
+    site_file = write_site_file(root / "sites.yaml", "usdf", {
+        "usdf": {"deployment": "drp-site-stage/usdf", "long_cluster": THREADS,
+                 "storage": f"file://{root}/usdf", "embargo": "true", "sky": "{tracts: [4, 5]}",
+                 **registry},
+        "frdf": {"deployment": "drp-site-stage/frdf", "storage": f"file://{root}/frdf",
+                 "sky": "{tracts: [1, 2, 3]}", **registry},
+        "ukdf": {"deployment": "drp-site-stage/ukdf", "storage": f"s3://{UKDF_BUCKET}/drp",
+                 "butler": f"{{repo: {root}/ukdf-repo"
+                           + (f', registry: "{server}/drp_test"}}' if server else "}"),
+                 "storage_options": f'{{endpoint_url: "{moto_endpoint}"}}',
+                 "sky": "{tracts: [0]}"},
+    }, embargo=last_visits_embargo(survey), cluster=THREADS)
+    setup_flow(site_file, str(survey))
+    return site_file
+
+
+def in_process(site_file: str) -> str:
+    """The same sites without their deployments: a campaign run here runs their stages in its
+    own process (as `drp campaign` on one machine does)."""
+    sites = yaml.safe_load(Path(site_file).read_text())
+    for site in sites["sites"].values():
+        site.pop("deployment", None)
+    path = Path(site_file).with_name("in-process.yaml")
+    path.write_text(yaml.safe_dump(sites))
+    return str(path)
+
+
+@dataclass
+class Campaign:
+    """The shared campaign: its name and site files (with the sites' deployments and without),
+    what the campaign left at its campaign site (`drp report` reads it), the CCD whose raw was
+    truncated at frdf before it ran, the embargoed visits, and the operations it ran in: their
+    environment (the Prefect server) and its flow run."""
+
+    name: str
+    site_file: str
+    in_process: str
+    result: dict
+    corrupt: dict
+    embargoed: set[int]
+    env: dict
+    flow_run: dict
+
+
+@pytest.fixture(scope="session")
+def campaign(three_sites, survey, tmp_path_factory) -> Campaign:
+    """One whole three-site campaign with QA against truth, shared by every test that only reads
+    its results, run as operators run it: a `prefect server` (PostgreSQL where the machine has
+    it), the sites' work pools and workers by `drp workers`, the deployments deployed and
+    `prefect deployment run drp-campaign/campaign`. Visit groups of at most 5 visits, a tract a
+    group, and one truncated raw at frdf."""
+    from drp_flows.flows.campaign import read_summary
+    from drp_flows.sites.butler import open_butler
+    from prefect_ops import deployment_run, flow_run_named, operations
+
+    sites = load_sites(three_sites)
+    corrupt = corrupt_raw(sites["frdf"])
+    embargoed = sites.embargo.embargoed_exposures(open_butler(sites["usdf"]))
+    server = postgres_server()
+    database = None
+    if server:
+        database = f"{server}/drp_prefect_campaign"
+        for sql in ("DROP DATABASE IF EXISTS drp_prefect_campaign WITH (FORCE)",
+                    "CREATE DATABASE drp_prefect_campaign"):
+            subprocess.run(["psql", f"{server}/postgres", "-qc", sql], check=True)
+        database = database.replace("postgresql://", "postgresql+asyncpg://")
+    with operations(tmp_path_factory.mktemp("operations"), database_url=database,
+                    site_file=three_sites) as (env, stop_workers):
+        deployment_run(env, "drp-campaign/campaign", site_file=three_sites, campaign=CAMPAIGN,
+                       survey=str(survey), **{k: str(v) for k, v in CAMPAIGN_GROUPS.items()})
+        stop_workers()                # idle, they would poll the server for the whole session
+        result = read_summary(sites[sites.campaign_site], CAMPAIGN)
+        yield Campaign(CAMPAIGN, three_sites, in_process(three_sites), result, corrupt,
+                       embargoed, env, flow_run_named(env, CAMPAIGN))
 
 
 def have(command: str) -> bool:

@@ -37,7 +37,7 @@ def sqlite_ops(survey, tmp_path_factory):
     made with `prefect` commands, the deployments, and `prefect deployment run
     drp-campaign/campaign` of stage 1 of a small campaign `ops1`: its environment and the
     campaign's flow run."""
-    with operations(tmp_path_factory.mktemp("ops")) as env:
+    with operations(tmp_path_factory.mktemp("ops")) as (env, _):
         yield env, run_campaign(env, survey, SITE_FILE, "ops1", stages=["stage1"])
 
 

@@ -1,13 +1,13 @@
-"""The production configuration end to end (tests/prefect_ops.py): the Prefect API's database and
-every site's Butler registry on PostgreSQL, the work pools and workers started by `drp workers`,
-the deployments deployed, and `prefect deployment run drp-campaign/campaign` of a whole small
-three-site campaign whose every stage runs as a run of its site's deployment on its site's
-worker. Then the Prefect UI as an operator sees that campaign: headless Chromium (Debian's
-chromium and chromium-driver, driven by Selenium) on its flow run page: the flow run graph,
-the Artifacts tab with the campaign's artifact, that artifact rendered (progress and
-transfers), a transfer's and a stage's own artifacts rendered as tables, and the campaign
-deployment's Run form. The screenshots go to $DRP_SCREENSHOTS when set (the README's come
-from there)."""
+"""The production configuration end to end: the shared campaign (tests/conftest.py) ran as
+operators run it, with the Prefect server's database and every site's Butler registry on
+PostgreSQL, the work pools and workers started by `drp workers`, the deployments deployed, and
+`prefect deployment run drp-campaign/campaign`: every stage ran as a run of its site's
+deployment on its site's worker. Then the Prefect UI as an operator sees that campaign:
+headless Chromium (Debian's chromium and chromium-driver, driven by Selenium) on its flow run
+page: the flow run graph, the Artifacts tab with the campaign's artifact, that artifact
+rendered (progress and transfers), a transfer's and a stage's own artifacts rendered as
+tables, and the campaign deployment's Run form. The screenshots go to $DRP_SCREENSHOTS when set
+(the README's come from there)."""
 
 from __future__ import annotations
 
@@ -17,44 +17,26 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 from lsst.daf.butler import Config
 
 from drp_flows.flows.stages import read_progress
 from drp_flows.sites.config import load_sites
-from prefect_ops import ROOT, SITE_FILE, SITES, api, check_campaign, operations, run_campaign
-
-
-@pytest.fixture(scope="module")
-def postgres_ops(postgres_url, survey, tmp_path_factory):
-    """The same operations in production form: the Prefect API database and every site's Butler
-    registry on PostgreSQL (a fresh database for the server; a schema per site in drp_test),
-    the pools and workers started by `drp workers`, and a whole small campaign `ops2`: its
-    environment, site file, flow run and the server's database (the tests below)."""
-    database = "drp_prefect_ops"
-    for sql in (f"DROP DATABASE IF EXISTS {database} WITH (FORCE)", f"CREATE DATABASE {database}"):
-        subprocess.run(["psql", postgres_url("postgres"), "-qc", sql], check=True)
-    tmp = tmp_path_factory.mktemp("ops-pg")
-    sites = yaml.safe_load((ROOT / SITE_FILE).read_text())
-    for site in sites["sites"].values():
-        site["butler"] = {"registry": postgres_url("drp_test")}
-    site_file = tmp / "sites.yaml"
-    site_file.write_text(yaml.safe_dump(sites))
-    server_db = postgres_url(database).replace("postgresql://", "postgresql+asyncpg://")
-    with operations(tmp, database_url=server_db, site_file=str(site_file)) as env:
-        yield env, str(site_file), run_campaign(env, survey, str(site_file), "ops2"), database
+from prefect_ops import SITES, api, check_campaign
 
 
 @pytest.mark.timeout(1800)
-def test_postgres_deployment_run_completes_three_site_campaign(postgres_ops, postgres_url, survey):
-    env, site_file, flow_run, database = postgres_ops
-    check_campaign(env, survey, site_file, "ops2", flow_run)
-    # and it was PostgreSQL underneath: the server's flow runs, every site's registry
-    count = subprocess.run(["psql", postgres_url(database), "-tAc",
-                            "SELECT count(*) FROM flow_run WHERE name LIKE 'ops2%'"],
+def test_deployment_run_completed_the_whole_campaign(campaign, survey):
+    check_campaign(campaign.env, survey, campaign.site_file, campaign.name, campaign.flow_run,
+                   where="", quarantined=[campaign.corrupt])
+
+
+def test_it_was_postgresql_underneath(campaign, postgres_url):
+    """The server's flow runs and every site's registry are in PostgreSQL."""
+    count = subprocess.run(["psql", postgres_url("drp_prefect_campaign"), "-tAc",
+                            f"SELECT count(*) FROM flow_run WHERE name LIKE '{campaign.name}%'"],
                            check=True, capture_output=True, text=True).stdout
     assert int(count) > len(SITES) * 4
-    for site in load_sites(site_file, DRP_DATA=env["DRP_DATA"]).sites.values():
+    for site in load_sites(campaign.site_file).sites.values():
         assert Config(f"{site.repo_dir}/butler.yaml")["registry", "db"] == postgres_url("drp_test")
 
 
@@ -122,15 +104,15 @@ def open_artifact(browser, env: dict, key: str) -> None:
     wait_for(browser, "//table")
 
 
-def test_campaign_run_page_shows_graph_and_artifacts(postgres_ops, browser, screenshots):
-    env, site_file, flow_run, _ = postgres_ops
+def test_campaign_run_page_shows_graph_and_artifacts(campaign, browser, screenshots):
+    env, site_file, flow_run = campaign.env, campaign.site_file, campaign.flow_run
     ui = ui_url(env)
-    campaign = flow_run["name"]
+    name = flow_run["name"]
 
     # the flow run page: name, state and the graph of the stages at every site and the
     # transfers between them
     browser.get(f"{ui}/runs/flow-run/{flow_run['id']}")
-    wait_for(browser, f"//*[normalize-space()='{campaign}']")
+    wait_for(browser, f"//*[normalize-space()='{name}']")
     wait_for(browser, "//*[normalize-space()='Completed']")
     wait_for(browser, "//canvas")
     browser.save_screenshot(str(screenshots / "flow-run-graph.png"))
@@ -138,7 +120,7 @@ def test_campaign_run_page_shows_graph_and_artifacts(postgres_ops, browser, scre
     # the Artifacts tab: the campaign's own artifact (progress and transfers) as a card
     wait_for(browser, "//li[@id='artifacts']").click()
     card = wait_for(browser, f"//*[contains(@class, 'artifact-card')][.//*[normalize-space()="
-                             f"'campaign-{campaign}']]")
+                             f"'campaign-{name}']]")
     browser.save_screenshot(str(screenshots / "flow-run-artifacts.png"))
 
     # the card opens it rendered: a progress row per site, step and group; the transfers
@@ -153,18 +135,22 @@ def test_campaign_run_page_shows_graph_and_artifacts(postgres_ops, browser, scre
     progress = [dict(zip(header, r, strict=True)) for r in rows[1:] if len(r) == len(header)]
     assert {(r["site"], r["step"]) for r in progress} >= {
         (s, "calibrateImage") for s in SITES} | {("usdf", "fgcmFitCycle")}
-    # what the sites recorded, every group done: nothing failed or blocked
-    recorded = [r for site in load_sites(site_file, DRP_DATA=env["DRP_DATA"]).sites.values()
-                for r in read_progress(site, campaign)]
+    # what the sites recorded, every group done but the one with the truncated raw, whose CCD
+    # failed and was quarantined
+    recorded = [r for site in load_sites(site_file).sites.values()
+                for r in read_progress(site, name)]
     assert sorted((r["site"], r["step"], r["group"], r["attempt"], r["state"], r["total"], r["done"])
                   for r in progress) == sorted((r["site"], r["step"], r["group"], str(r["attempt"]),
                                                 r["state"], str(r["total"]), str(r["done"]))
                                                for r in recorded)
-    assert all(r["state"] == "done" and r["failed"] == r["blocked"] == "0" for r in progress), progress
+    failed = [r for r in progress if r["state"] != "done"]
+    assert [(r["site"], r["step"], r["state"], r["failed"]) for r in failed] == [
+        ("frdf", "calibrateImage", "failed", "1")], failed
+    assert all(r["blocked"] == "0" for r in progress), progress
     assert ["final catalogs in", "frdf", "usdf"] in [r[:3] for r in rows], rows
 
     # a transfer's own table artifact (its transfer task's)
-    open_artifact(browser, env, f"transfer-{campaign}-final-catalogs-in-frdf-usdf")
+    open_artifact(browser, env, f"transfer-{name}-final-catalogs-in-frdf-usdf")
     header, row = rendered_table(browser)[:2]
     table = dict(zip(header, row, strict=True))
     assert table["source"] == "frdf" and table["destination"] == "usdf", table
@@ -173,16 +159,16 @@ def test_campaign_run_page_shows_graph_and_artifacts(postgres_ops, browser, scre
 
     # a stage's progress artifact, made at the site by the site's worker
     (key,) = {a["key"] for a in api(env, "POST", "/artifacts/filter", {"artifacts": {"key": {
-        "like_": f"progress-{campaign}-frdf-stage4-tracts-"}}})}
+        "like_": f"progress-{name}-frdf-stage4-tracts-"}}})}
     open_artifact(browser, env, key)
     steps = {r[1] for r in rendered_table(browser)[1:]}
     assert {"drpAssociation", "drpDiaCalculation"} <= steps, steps
 
 
-def test_campaign_deployment_form_is_typed_and_described(postgres_ops, browser, screenshots):
+def test_campaign_deployment_form_is_typed_and_described(campaign, browser, screenshots):
     """The campaign deployment's Run form, as an operator starts a campaign from the UI: a
     field per parameter, each with its description, typed from the flow's signature."""
-    env, *_ = postgres_ops
+    env = campaign.env
     ui = ui_url(env)
     (deployment,) = [d for d in api(env, "POST", "/deployments/filter", {})
                      if d["name"] == "campaign"]

@@ -68,13 +68,14 @@ def running_clusters(configs: dict, wait_for_workers: int = 1,
             addresses[key] = cluster.scheduler_address
 
         def wait(key) -> None:
+            cfg = configs[key]      # local workers are all there in seconds: wait for each
+            wanted = cfg.jobs if cfg.kind == "local" else min(wait_for_workers, max(cfg.jobs, 1))
             with Client(addresses[key], set_as_default=False) as client:
                 try:
-                    client.wait_for_workers(min(wait_for_workers, max(configs[key].jobs, 1)),
-                                            timeout=timeout)
+                    client.wait_for_workers(wanted, timeout=timeout)
                 except TimeoutError as e:
                     raise RuntimeError(
-                        f"cluster {key} ({configs[key].kind}): no worker joined in {timeout:.0f} s; "
+                        f"cluster {key} ({cfg.kind}): {wanted} workers did not join in {timeout:.0f} s; "
                         "the log above says why one did not start (an option the workers do "
                         "not accept, a queue that does not run the job, ...)") from e
 
