@@ -202,11 +202,12 @@ def report(name: str, sites: Path = LOCAL_SITES, data: Path | None = None):
 @app.command()
 def workers(sites: Path = Path("deployments/sites.yaml"),
             prefect_file: Path = Path("deployments/prefect.yaml"), data: Path | None = None):
-    """Start a Prefect worker for every site's work pool, here, until Ctrl-C.
+    """Start a Prefect worker for every work pool the deployments need, here, until Ctrl-C.
 
-    The pools are those of the site deployments the site file names (in the prefect file),
-    created as process pools if missing: what each site runs on its own submit host, for all
-    sites on one machine."""
+    The pools are those of the site deployments the site file names and of the deployments
+    that are no site's (the campaign, the weekly), in the prefect file, created as process
+    pools if missing: what each site runs on its own submit host, for all sites on one
+    machine. A site without a deployment runs its stages inside the campaign's flow run."""
     import subprocess
 
     import yaml
@@ -217,8 +218,9 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
     _data_dir(data)              # the workers' flow runs read the site file with it
     pools = {d["name"]: d["work_pool"]["name"]
              for d in yaml.safe_load(prefect_file.read_text())["deployments"] if d.get("work_pool")}
-    wanted = {}
-    for site_name, site in load_sites(sites).sites.items():
+    all_sites = load_sites(sites).sites
+    wanted = {name: pool for name, pool in pools.items() if name not in all_sites}
+    for site_name, site in all_sites.items():
         if site.deployment:
             deployment = site.deployment.split("/")[1]
             if deployment not in pools:
@@ -226,9 +228,6 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
                               f"in {prefect_file}")
                 raise typer.Exit(2)
             wanted[site_name] = pools[deployment]
-    if not wanted:
-        console.print(f"no site of {sites} names a deployment: its stages run in the campaign")
-        raise typer.Exit(2)
     pools_used = sorted(set(wanted.values()))
     with get_client(sync_client=True) as client:
         for pool in pools_used:

@@ -144,8 +144,11 @@ THREADS = "{kind: local, jobs: 1, threads_per_worker: 1, processes: false}"
 @pytest.fixture(scope="session")
 def three_sites(prefect_api, survey, moto_endpoint, tmp_path_factory) -> str:
     """The three sites of the shared campaign, in production form, set up from the test survey:
-    each runs its stages as its own deployment on its own work pool, on a cluster of threads in
-    the stage's process; every registry on PostgreSQL where the machine has it (a schema per
+    frdf runs its stages as its own deployment on its own work pool, usdf and ukdf inside the
+    campaign's flow run (each deployment run is a new process, ~30 s of imports and start on
+    this machine, and every site's own deployments run in the README's stage-1 campaign of
+    test_deployments), each on a cluster of threads; every registry on PostgreSQL where the
+    machine has it (a schema per
     site), SQLite otherwise. usdf is the campaign and embargo site, tracts 4 and 5, with a
     cluster of its own for long quanta; frdf has tracts 1 to 3; ukdf tract 0, its storage and
     Butler datastore on S3 (a moto_server, whose every request costs this machine's CPU: one
@@ -157,12 +160,12 @@ def three_sites(prefect_api, survey, moto_endpoint, tmp_path_factory) -> str:
     server = postgres_server()
     registry = {"butler": f'{{registry: "{server}/drp_test"}}'} if server else {}
     site_file = write_site_file(root / "sites.yaml", "usdf", {
-        "usdf": {"deployment": "drp-site-stage/usdf", "long_cluster": THREADS,
+        "usdf": {"long_cluster": THREADS,
                  "storage": f"file://{root}/usdf", "embargo": "true", "sky": "{tracts: [4, 5]}",
                  **registry},
         "frdf": {"deployment": "drp-site-stage/frdf", "storage": f"file://{root}/frdf",
                  "sky": "{tracts: [1, 2, 3]}", **registry},
-        "ukdf": {"deployment": "drp-site-stage/ukdf", "storage": f"s3://{UKDF_BUCKET}/drp",
+        "ukdf": {"storage": f"s3://{UKDF_BUCKET}/drp",
                  "butler": f"{{repo: {root}/ukdf-repo"
                            + (f', registry: "{server}/drp_test"}}' if server else "}"),
                  "storage_options": f'{{endpoint_url: "{moto_endpoint}"}}',

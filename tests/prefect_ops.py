@@ -104,7 +104,8 @@ def operations(tmp: Path, database_url: str | None = None, site_file: str | None
             time.sleep(0.5)
         if site_file:
             workers = start("workers", "drp", "workers", "--sites", site_file)
-            pools = {f"drp-{site}" for site in SITES}
+            pools = {"drp-usdf"} | {f"drp-{name}" for name, site in
+                                    load_sites(site_file).sites.items() if site.deployment}
             while not pools <= {p["name"] for p in api(env, "POST", "/work_pools/filter", {})}:
                 assert workers.poll() is None, (logs / "workers.log").read_text()[-3000:]
                 time.sleep(0.5)
@@ -152,25 +153,28 @@ def run_campaign(env: dict, survey: Path, site_file: str, campaign: str,
 def check_campaign(env: dict, survey: Path, site_file: str, campaign: str, flow_run: dict,
                    stages: tuple[str, ...] = ALL_STAGES, where: str = WHERE,
                    quarantined: tuple[dict, ...] = ()) -> None:
-    """What an operator checks: the run completed; every stage at every site ran as a run of
-    the site's deployment on its pool; the Butler at every site holds every output expected of
-    the campaign's data query (a calibrated CCD for each of its visits' raws but the
-    `quarantined` ones, a final summary for each visit, a coadd for every patch of its tracts
-    in each band of the visits aimed at them, DIA objects for each tract); the progress and
-    transfer artifacts are there."""
+    """What an operator checks: the run completed; every stage at every site whose entry names
+    a deployment ran as a run of that deployment on the site's pool (the others inside the
+    campaign's run); the Butler at every site holds every output expected of the campaign's
+    data query (a calibrated CCD for each of its visits' raws but the `quarantined` ones, a
+    final summary for each visit, a coadd for every patch of its tracts in each band of the
+    visits aimed at them, DIA objects for each tract); the progress and transfer artifacts are
+    there."""
     assert flow_run["state_type"] == "COMPLETED", flow_run["state"]
+    os.environ["DRP_DATA"] = env["DRP_DATA"]          # the site file's ${DRP_DATA}
+    sites = load_sites(site_file)
+    expected = {(s, st) for s in sites.sites for st in stages if st not in CAMPAIGN_SITE_ONLY} | {
+        (sites.campaign_site, st) for st in stages if st in CAMPAIGN_SITE_ONLY}
+    deployed = {(s, st) for s, st in expected if sites[s].deployment}
+    assert deployed, f"no site of {site_file} names a deployment"
     runs = api(env, "POST", "/flow_runs/filter", {"flow_runs": {"name": {"like_": f"{campaign}-"}}})
     deployments = {d["id"]: d["name"] for d in api(env, "POST", "/deployments/filter", {})}
     staged = {(r["parameters"]["site"], r["parameters"]["stage"]): r for r in runs
               if r["parameters"].get("site")}
-    expected = {(s, st) for s in SITES for st in stages if st not in CAMPAIGN_SITE_ONLY} | {
-        ("usdf", st) for st in stages if st in CAMPAIGN_SITE_ONLY}
-    assert set(staged) == expected
+    assert set(staged) == deployed
     for (site, _), r in staged.items():
         assert deployments[r["deployment_id"]] == site and r["work_pool_name"] == f"drp-{site}"
         assert r["state_type"] == "COMPLETED", (r["name"], r["state"])
-    os.environ["DRP_DATA"] = env["DRP_DATA"]          # the site file's ${DRP_DATA}
-    sites = load_sites(site_file)
     collection = f"ComCamSim/runs/{campaign}"
     whole = "stage4" in stages
     _, pointings = load_survey(survey)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from astropy.time import Time
+from conftest import in_process
 
 from drp_flows.flows.stages import read_progress, site_visits
 from drp_flows.flows.weekly import released_query, weekly_name
@@ -80,11 +81,13 @@ def calibrated(site, campaign: str) -> dict:
 def test_weekly_runs_take_released_exposures_and_redo_nothing(sqlite_ops, tmp_path, monkeypatch):
     """Two weekly runs of stage 1, a week apart, with a 24-hour embargo: the first has the
     first night only (the second is under embargo), the second takes the second night too and
-    reuses every single frame of the first instead of redoing it."""
+    reuses every single frame of the first instead of redoing it. The sites run inside the
+    weekly's flow run (their deployments ran in the stage-1 campaign above)."""
     env, _ = sqlite_ops
     monkeypatch.setenv("DRP_DATA", env["DRP_DATA"])
-    site_file = tmp_path / "sites.yaml"
-    site_file.write_text((ROOT / SITE_FILE).read_text() + "embargo: {hours: 24}\n")
+    with_deployments = tmp_path / "sites.yaml"
+    with_deployments.write_text((ROOT / SITE_FILE).read_text() + "embargo: {hours: 24}\n")
+    site_file = in_process(str(with_deployments))
     night2 = Time(FIRST_NIGHT_MJD + 1, format="mjd").to_datetime(timezone=UTC)
     week1 = night2 + timedelta(hours=24)      # the second night still under embargo
     week2 = week1 + timedelta(weeks=1)
