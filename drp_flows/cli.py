@@ -204,10 +204,11 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
             prefect_file: Path = Path("deployments/prefect.yaml"), data: Path | None = None):
     """Start a Prefect worker for every work pool the deployments need, here, until Ctrl-C.
 
-    The pools are those of the site deployments the site file names and of the deployments
-    that are no site's (the campaign, the weekly), in the prefect file, created as process
-    pools if missing: what each site runs on its own submit host, for all sites on one
-    machine. A site without a deployment runs its stages inside the campaign's flow run."""
+    Every pool the prefect file names is created (a process pool) if missing, so that
+    `prefect deploy --all` finds them; workers run on the pools of the site deployments the
+    site file names and of the deployments that are no site's (the campaign, the weekly):
+    what each site runs on its own submit host, for all sites on one machine. A site without
+    a deployment runs its stages inside the campaign's flow run."""
     import subprocess
 
     import yaml
@@ -216,11 +217,12 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
     from prefect.exceptions import ObjectNotFound
 
     _data_dir(data)              # the workers' flow runs read the site file with it
-    pools = {d["name"]: d["work_pool"]["name"]
-             for d in yaml.safe_load(prefect_file.read_text())["deployments"] if d.get("work_pool")}
-    all_sites = load_sites(sites).sites
-    wanted = {name: pool for name, pool in pools.items() if name not in all_sites}
-    for site_name, site in all_sites.items():
+    deployments = [d for d in yaml.safe_load(prefect_file.read_text())["deployments"]
+                   if d.get("work_pool")]
+    pools = {d["name"]: d["work_pool"]["name"] for d in deployments}
+    wanted = {d["name"]: pools[d["name"]] for d in deployments
+              if not d.get("entrypoint", "").endswith(":site_stage_flow")}
+    for site_name, site in load_sites(sites).sites.items():
         if site.deployment:
             deployment = site.deployment.split("/")[1]
             if deployment not in pools:
@@ -230,7 +232,7 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
             wanted[site_name] = pools[deployment]
     pools_used = sorted(set(wanted.values()))
     with get_client(sync_client=True) as client:
-        for pool in pools_used:
+        for pool in sorted(set(pools.values())):
             try:
                 client.read_work_pool(pool)
             except ObjectNotFound:

@@ -104,8 +104,7 @@ def operations(tmp: Path, database_url: str | None = None, site_file: str | None
             time.sleep(0.5)
         if site_file:
             workers = start("workers", "drp", "workers", "--sites", site_file)
-            pools = {"drp-usdf"} | {f"drp-{name}" for name, site in
-                                    load_sites(site_file).sites.items() if site.deployment}
+            pools = {f"drp-{site}" for site in SITES}
             while not pools <= {p["name"] for p in api(env, "POST", "/work_pools/filter", {})}:
                 assert workers.poll() is None, (logs / "workers.log").read_text()[-3000:]
                 time.sleep(0.5)
