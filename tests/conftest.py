@@ -193,8 +193,7 @@ class Campaign:
     """The shared campaign: its name and site files (with the sites' deployments and without),
     what the campaign left at its campaign site (`drp report` reads it), the CCD whose raw was
     truncated at frdf before it ran, the embargoed visits, and the operations it ran in: their
-    environment (the Prefect server) and its flow run. Beside it, the same campaign at one
-    site: its site file and result."""
+    environment (the Prefect server) and its flow run."""
 
     name: str
     site_file: str
@@ -204,38 +203,15 @@ class Campaign:
     embargoed: set[int]
     env: dict
     flow_run: dict
-    one_site: str
-    one_site_result: dict
-
-
-def start_one_site_campaign(survey: Path, corrupt: dict, root: Path) -> tuple[str, subprocess.Popen]:
-    """The test survey as one site `solo` (SQLite, both cores: two worker processes, one group
-    a step, the same embargo and the same truncated raw): set up here, then `drp campaign` in a
-    process of its own on the session's Prefect API, which runs beside the shared campaign (on
-    2 cores each fills the other's single-threaded phases). Its site file and process."""
-    from prefect.settings import PREFECT_API_URL
-
-    from drp_flows.flows.setup import setup_flow
-
-    one = write_site_file(root / "one.yaml", "solo", {
-        "solo": {"storage": f"file://{root}/solo", "embargo": "true"}}, last_visits_embargo(survey),
-        cluster="{kind: local, jobs: 2, threads_per_worker: 1}")
-    setup_flow(one, str(survey))
-    corrupt_raw(load_sites(one)["solo"], corrupt["visit"], corrupt["detector"])
-    log = open(root / "one-site.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("drp")), "campaign", CAMPAIGN,
-                             "--sites", one], stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()})
-    return one, proc
 
 
 @pytest.fixture(scope="session")
 def campaign(three_sites, survey, tmp_path_factory) -> Campaign:
     """One whole three-site campaign with QA against truth, shared by every test that only reads
     its results, run as operators run it: a `prefect server` (PostgreSQL where the machine has
-    it), the work pools and workers by `drp workers`, the deployments deployed and `prefect
-    deployment run drp-campaign/campaign`. Visit groups of at most 5 visits, a tract a group,
-    and one truncated raw at frdf. The same campaign at one site runs beside it."""
+    it), the sites' work pools and workers by `drp workers`, the deployments deployed and
+    `prefect deployment run drp-campaign/campaign`. Visit groups of at most 5 visits, a tract a
+    group, and one truncated raw at frdf."""
     from drp_flows.flows.campaign import read_summary
     from drp_flows.sites.butler import open_butler
     from prefect_ops import deployment_run, flow_run_named, operations
@@ -243,8 +219,6 @@ def campaign(three_sites, survey, tmp_path_factory) -> Campaign:
     sites = load_sites(three_sites)
     corrupt = corrupt_raw(sites["frdf"])
     embargoed = sites.embargo.embargoed_exposures(open_butler(sites["usdf"]))
-    root = tmp_path_factory.mktemp("one-site")
-    one, one_proc = start_one_site_campaign(survey, corrupt, root)
     server = postgres_server()
     database = None
     if server:
@@ -253,20 +227,14 @@ def campaign(three_sites, survey, tmp_path_factory) -> Campaign:
                     "CREATE DATABASE drp_prefect_campaign"):
             subprocess.run(["psql", f"{server}/postgres", "-qc", sql], check=True)
         database = database.replace("postgresql://", "postgresql+asyncpg://")
-    try:
-        with operations(tmp_path_factory.mktemp("operations"), database_url=database,
-                        site_file=three_sites) as (env, stop_workers):
-            deployment_run(env, "drp-campaign/campaign", site_file=three_sites, campaign=CAMPAIGN,
-                           survey=str(survey), **{k: str(v) for k, v in CAMPAIGN_GROUPS.items()})
-            stop_workers()            # idle, they would poll the server for the whole session
-            one_proc.wait(900)        # it started first and is the smaller
-            one_result = read_summary(load_sites(one)["solo"], CAMPAIGN)
-            assert one_result, (root / "one-site.log").read_text()[-3000:]
-            yield Campaign(CAMPAIGN, three_sites, in_process(three_sites),
-                           read_summary(sites[sites.campaign_site], CAMPAIGN), corrupt, embargoed,
-                           env, flow_run_named(env, CAMPAIGN), one, one_result)
-    finally:
-        one_proc.kill()
+    with operations(tmp_path_factory.mktemp("operations"), database_url=database,
+                    site_file=three_sites) as (env, stop_workers):
+        deployment_run(env, "drp-campaign/campaign", site_file=three_sites, campaign=CAMPAIGN,
+                       survey=str(survey), **{k: str(v) for k, v in CAMPAIGN_GROUPS.items()})
+        stop_workers()                # idle, they would poll the server for the whole session
+        result = read_summary(sites[sites.campaign_site], CAMPAIGN)
+        yield Campaign(CAMPAIGN, three_sites, in_process(three_sites), result, corrupt,
+                       embargoed, env, flow_run_named(env, CAMPAIGN))
 
 
 def have(command: str) -> bool:

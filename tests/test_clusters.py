@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 
+import dask
 import pytest
 from distributed import Client
 
@@ -119,3 +120,6 @@ def test_local_kind_passes_options_through():
         workers = client.scheduler_info()["workers"].values()
         assert len(workers) == 2
         assert all(w["memory_limit"] == 500_000_000 for w in workers)
+        # no statistical profiler (drp_flows/__init__.py: it can deadlock CPython 3.11)
+        profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+        assert len(profiling) == 2 and not any(profiling.values()), profiling

@@ -1,13 +1,12 @@
-"""Results do not depend on the site that produced them: the test survey run as one site
-(tests/conftest.py: SQLite, `drp campaign` beside the shared campaign, one group a step)
-gives the same calibrations and final catalogs as the shared three-site campaign (registries
-on PostgreSQL, ukdf on S3 through its own moto_server, usdf the embargo site with the
-survey's last visits under embargo, groups of at most 5 visits), the same raw truncated in
-both."""
+"""Results do not depend on the site that produced them: the test survey run here as one site
+(SQLite, in this process, one group a step) gives the same calibrations and final catalogs as
+the shared three-site campaign (tests/conftest.py: through deployments, registries on
+PostgreSQL, ukdf on S3 through its own moto_server, usdf the embargo site with the survey's
+last visits under embargo, groups of at most 5 visits), the same raw truncated in both."""
 
 import numpy as np
 import pytest
-from conftest import CAMPAIGN
+from conftest import CAMPAIGN, corrupt_raw, last_visits_embargo, write_site_file
 
 from drp_flows.datamodel import campaign_collection
 from drp_flows.sites.butler import open_butler
@@ -15,14 +14,23 @@ from drp_flows.sites.config import load_sites
 
 
 @pytest.fixture(scope="module")
-def runs(campaign):
-    """The site files of the one-site and the shared campaign, and their results.
+def runs(campaign, survey, tmp_path_factory):
+    """The shared campaign and the same campaign on one site; their site files and results.
 
     The embargo covers the survey's last two visits, which aim at usdf's tracts: embargoed
     visits aimed at another site's tracts stay out of that site's coadds by design (see
     test_embargo), so only here do the results not depend on the sites."""
-    return campaign.one_site, campaign.site_file, {campaign.one_site: campaign.one_site_result,
-                                                  campaign.site_file: campaign.result}
+    from drp_flows.flows.campaign import campaign_flow
+    from drp_flows.flows.setup import setup_flow
+
+    root = tmp_path_factory.mktemp("one-site")
+    one = write_site_file(root / "one.yaml", "solo", {     # both cores: two worker processes
+        "solo": {"storage": f"file://{root}/solo", "embargo": "true"}}, last_visits_embargo(survey),
+        cluster="{kind: local, jobs: 2, threads_per_worker: 1}")
+    setup_flow(one, str(survey))
+    corrupt_raw(load_sites(one)["solo"], campaign.corrupt["visit"], campaign.corrupt["detector"])
+    results = {one: campaign_flow(one, campaign.name), campaign.site_file: campaign.result}
+    return one, campaign.site_file, results
 
 
 def datasets(site_file: str, dataset_type: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.table import Table
 from lsst.daf.butler.formatters.parquet import arrow_to_astropy, astropy_to_arrow
@@ -16,5 +17,8 @@ def table_bytes(table: Table) -> bytes:
 
 
 def read_table(storage, uri: str) -> Table:
+    """The file's bytes read here, then parsed from an Arrow buffer: a Python file object
+    would have Arrow's reader threads take the GIL to read and free it, which deadlocked a
+    process whose cluster's workers are threads (seen in a weekly run's stage 1)."""
     with storage.open(uri, "rb") as f:
-        return arrow_to_astropy(pq.read_table(io.BytesIO(f.read())))
+        return arrow_to_astropy(pq.read_table(pa.BufferReader(f.read())))
