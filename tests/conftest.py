@@ -150,12 +150,11 @@ def three_sites(prefect_api, survey, moto_endpoint, tmp_path_factory) -> str:
     campaign's flow run (each deployment run is a new process, ~30 s of imports and start on
     this machine, and every site's own deployments run in the README's stage-1 campaign of
     test_deployments), each on a cluster of threads; every registry on PostgreSQL where the
-    machine has it (a schema per
-    site), SQLite otherwise. usdf is the campaign and embargo site, tracts 4 and 5, with a
-    cluster of its own for long quanta; frdf has tracts 1 to 3; ukdf tract 0, its storage and
-    Butler datastore on S3 (a moto_server, whose every request costs this machine's CPU: one
-    tract keeps the site as quick as the others). The survey's last two visits are under
-    embargo."""
+    machine has it (a schema per site), SQLite otherwise. usdf is the campaign and embargo
+    site, tracts 4 and 5, with a cluster of its own for long quanta; frdf has tracts 1 to 3;
+    ukdf tract 0, its storage and Butler datastore on S3 (a moto_server, whose every request
+    costs this machine's CPU: one tract keeps the site as quick as the others). The survey's
+    last two visits are under embargo."""
     from drp_flows.flows.setup import setup_flow
 
     root = tmp_path_factory.mktemp("sites")

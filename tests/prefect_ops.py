@@ -190,6 +190,10 @@ def check_campaign(env: dict, survey: Path, site_file: str, campaign: str, flow_
         # its own visits' (and those of its neighbours' CCDs on its tracts)
         summaries = {r.dataId["visit"] for r in butler.registry.queryDatasets("visit_summary")}
         assert summaries >= visits, name
+        if name != sites.campaign_site:     # which holds every site's, for the final catalogs
+            imaged = {r.dataId["visit"] for r in
+                      butler.registry.queryDatasets("preliminary_visit_image")}
+            assert summaries == imaged, name     # no summary without the CCDs it came with
         tracts = site_tracts(site_file, name, where)
         coadds = {(r.dataId["tract"], r.dataId["patch"], r.dataId["band"])
                   for r in butler.registry.queryDatasets("deep_coadd")}

@@ -1,6 +1,6 @@
 """Results do not depend on the site that produced them: the test survey run here as one site
 (SQLite, in this process, one group a step) gives the same calibrations and final catalogs as
-the shared three-site campaign (tests/conftest.py: through deployments, registries on
+the shared three-site campaign (tests/conftest.py: by `prefect deployment run`, registries on
 PostgreSQL, ukdf on S3 through its own moto_server, usdf the embargo site with the survey's
 last visits under embargo, groups of at most 5 visits), the same raw truncated in both."""
 

@@ -17,8 +17,8 @@ def table_bytes(table: Table) -> bytes:
 
 
 def read_table(storage, uri: str) -> Table:
-    """The file's bytes read here, then parsed from an Arrow buffer: a Python file object
-    would have Arrow's reader threads take the GIL to read and free it, which deadlocked a
-    process whose cluster's workers are threads (seen in a weekly run's stage 1)."""
+    """The file's bytes read here, then parsed from an Arrow buffer: with a Python file object
+    Arrow's reader threads take the GIL to read and free it, one side of the deadlock that hung
+    a weekly run's stage 1 (the other: Dask's profiler, see drp_flows/__init__.py)."""
     with storage.open(uri, "rb") as f:
         return arrow_to_astropy(pq.read_table(pa.BufferReader(f.read())))
