@@ -2,8 +2,9 @@
 plain `client.map`, on a no-op quantum and on a fixed-cost one, at 100, 1,000 and 10,000.
 
 "Overhead" is the time above plain `client.map` of the same quanta (Dask's own ~1-2 ms per
-task is in every column). The engine's figure includes everything a campaign pays: one
-Prefect task per batch, the quantum wrapper (manifest, checksum of a 64-byte output written
+task is in every column). The engine's figure includes everything a campaign pays: the
+executor's window of futures, one Prefect task per step and one per registered batch, the
+quantum wrapper (manifest, checksum of a 64-byte output written
 to storage) and bulk registration of every output in a real Butler (SQLite).
 Prints ms per quantum and the ratios.
 Run: make bench (or python bench/overhead.py [--sizes 100 1000]).
@@ -22,10 +23,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
+from drp_flows.engine.executor import Executor, Pool
+from drp_flows.engine.quanta import Quantum
+from drp_flows.engine.register import register_outputs
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
-from drp_flows.tasks.quanta import Quantum, cluster_quanta, run_batch
-from drp_flows.tasks.register import register_outputs
 
 FIXED_COST_S = 0.02
 BATCH = 1000
@@ -68,22 +70,36 @@ def make_butler(root: Path) -> Butler:
     return butler
 
 
-def engine(address: str, butler: Butler, storage: Storage, n: int, cost: float) -> float:
-    """Batches of BATCH quanta, one Prefect task each, registration after each batch."""
+def engine(pool: Pool, butler: Butler, storage: Storage, n: int, cost: float) -> float:
+    """One Prefect task drives the step through the executor, registering every BATCH results
+    in a Prefect task of their own, as a stage flow does."""
     run = f"bench/{n}/{cost}/{time.time_ns()}"
     quanta = [Quantum("bench", {"detector": i}, outputs={
         "bench_output": storage.join("repo", run, f"{i}.yaml")}) for i in range(n)]
 
     @task(cache_policy=NO_CACHE)
-    def batch_task(batch):
-        with Client(address, set_as_default=False) as client:
-            return run_batch(client, bench_quantum, storage, {"cost": cost}, batch, run)
+    def register_task(results):
+        register_outputs(butler, storage, results, run)
+
+    @task(cache_policy=NO_CACHE)
+    def step_task():
+        batch = []
+
+        def on_result(r):
+            batch.append(r)
+            if len(batch) == BATCH:
+                register_task(list(batch))
+                batch.clear()
+
+        with Executor("bench", {"short": pool}) as executor:
+            executor.run(bench_quantum, storage, {"cost": cost}, quanta, run, 10**8,
+                         on_result=on_result)
+        if batch:
+            register_task(batch)
 
     @flow
     def engine_flow():
-        futures = [batch_task.submit(b) for b in cluster_quanta(quanta, (), BATCH)]
-        for f in futures:
-            register_outputs(butler, storage, f.result(), run)
+        step_task()
 
     start = time.perf_counter()
     engine_flow()
@@ -124,7 +140,8 @@ def main():
         for cost in (0.0, FIXED_COST_S):
             for n in args.sizes:
                 t_plain = plain_map(client, n, cost)
-                t_engine = engine(cluster.scheduler_address, butler, storage, n, cost)
+                t_engine = engine(Pool("short", cluster.scheduler_address), butler, storage, n,
+                                  cost)
                 if n <= PREFECT_PER_QUANTUM_MAX:
                     t_prefect, how = prefect_per_quantum(cluster.scheduler_address, n, cost), "run"
                 else:   # project from the largest measured size: per-quantum cost is flat or worse

@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import moto_server  # noqa: E402
 
+from drp_flows.engine.transfer import Ledger, TransferItem, copy_items  # noqa: E402
 from drp_flows.sites.storage import Storage  # noqa: E402
-from drp_flows.tasks.transfer import Ledger, TransferItem, copy_items  # noqa: E402
 
 N_FILES = 1500
 

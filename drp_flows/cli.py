@@ -132,7 +132,13 @@ def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
              where: Annotated[str, typer.Option(help="Butler data query choosing the visits")] = "",
              group_size: Annotated[int, typer.Option(help="visits per group at most")] = 100,
              tracts_per_group: Annotated[int, typer.Option(help="tracts per group at most")] = 10,
-             batch_size: int = 500, rescue: bool = False):
+             batch_size: int = 500, rescue: bool = False,
+             stage: Annotated[list[str] | None, typer.Option(
+                 help="only this stage (stage1, global, stage2, stage3, stage4, final), "
+                      "with the movements that bring its inputs; repeat for more")] = None,
+             memory_from: Annotated[str, typer.Option(
+                 help="an earlier campaign whose measured peak memory per label starts "
+                      "this one's memory requests")] = ""):
     """Run a campaign over the sites (QA against truth when --survey is given); a re-run
     resumes it, skipping every finished quantum. In a terminal, a bar per site and stage
     follows the quanta as they finish."""
@@ -141,20 +147,24 @@ def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
     _data_dir(data)
     start = time.perf_counter()
     with live_progress(load_sites(sites), name):
-        result = campaign_flow(str(sites), name, where=where, group_size=group_size,
-                               tracts_per_group=tracts_per_group, batch_size=batch_size,
-                               survey=str(survey.resolve()) if survey else None, rescue=rescue)
+        result = campaign_flow(str(sites), name, where=where, stages=stage or None,
+                               group_size=group_size, tracts_per_group=tracts_per_group,
+                               batch_size=batch_size,
+                               survey=str(survey.resolve()) if survey else None, rescue=rescue,
+                               memory_from=memory_from)
     print_summary(result, time.perf_counter() - start)
 
 
 @app.command("rescue")
 def rescue_command(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
                    data: Path | None = None, where: str = "", group_size: int = 100,
-                   tracts_per_group: int = 10, batch_size: int = 500):
+                   tracts_per_group: int = 10, batch_size: int = 500,
+                   stage: Annotated[list[str] | None, typer.Option(
+                       help="only this stage; repeat for more")] = None):
     """Re-run only the failed or missing quanta of a campaign, as a new attempt of its groups
     (new RUN collections chained in front of the old)."""
     campaign(name, sites, survey, data, where, group_size, tracts_per_group, batch_size,
-             rescue=True)
+             rescue=True, stage=stage)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -32,7 +33,7 @@ UKDF_BUCKET = "ukdf-drp"
 
 # Tests that need any of these are end to end (`make test` only; `make test-fast` leaves them out)
 E2E_FIXTURES = {"prefect_api", "three_sites", "campaign", "sqlite_ops", "postgres_ops",
-                "postgres_url", "slurm"}
+                "postgres_url", "slurm", "solo_site"}
 
 
 def pytest_configure(config):
@@ -236,8 +237,74 @@ def campaign(three_sites, survey, tmp_path_factory) -> Campaign:
                        embargoed, env, flow_run_named(env, CAMPAIGN))
 
 
+def slurm_available() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture
+def slurm():
+    """The single-node Slurm `make test` starts (.ci/slurm.sh); skipped where there is none
+    (a failure where DRP_REQUIRE_SLURM=1)."""
+    if not slurm_available():
+        reason = "no running Slurm (make test provisions one when run as root on Debian)"
+        if os.environ.get("DRP_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DRP_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+
+
 def have(command: str) -> bool:
     return shutil.which(command) is not None
+
+
+@pytest.fixture(scope="session")
+def solo_site(prefect_api, survey, tmp_path_factory):
+    """One site set up once from the test survey with ukdf's share of the sky (tract 0), for
+    the campaigns that run stage 1 alone: `solo_site(name, cluster)` writes a site file for
+    it with the given cluster (YAML) and keys. Each test runs campaigns of its own names."""
+    from drp_flows.flows.setup import setup_flow
+
+    root = tmp_path_factory.mktemp("solo")
+
+    def site_file(name: str, cluster: str = "{kind: local, jobs: 1, threads_per_worker: 1}",
+                  **keys: str) -> str:
+        return write_site_file(root / f"{name}.yaml", "solo", {
+            "solo": {"storage": f"file://{root}/solo", "sky": "{tracts: [0]}", **keys}},
+            cluster=cluster)
+
+    setup_flow(site_file("setup"), str(survey))
+    return site_file
+
+
+def registered(site_file: str, campaign: str, dataset_type: str = "preliminary_visit_image") -> int:
+    """Datasets of a type registered at the site file's campaign site for a campaign (every
+    RUN of its chain, not find-first)."""
+    from drp_flows.datamodel import campaign_collection
+    from drp_flows.sites.butler import open_butler
+    from drp_flows.tasks.step1 import existing_collections
+
+    sites = load_sites(site_file)
+    butler = open_butler(sites[sites.campaign_site])
+    collections = existing_collections(butler, [campaign_collection(campaign)])
+    return len(list(butler.registry.queryDatasets(dataset_type, collections=collections))
+               ) if collections else 0
+
+
+def table_differences(key, a, b) -> list[str]:
+    """Where two tables differ: row counts, floats beyond 1e-9 relative, anything else."""
+    if len(a) != len(b):
+        return [f"{key}: {len(a)} rows vs {len(b)}"]
+    out = []
+    for col in a.colnames:
+        x, y = np.asarray(a[col]), np.asarray(b[col])
+        if x.dtype.kind == "f":
+            if not np.allclose(x, y, rtol=1e-9, atol=0, equal_nan=True):
+                out.append(f"{key} {col}: largest difference {np.nanmax(np.abs(x - y)):.3g}")
+        elif not np.array_equal(x, y):
+            out.append(f"{key} {col}: {np.sum(x != y)} values differ")
+    return out
 
 
 @pytest.fixture

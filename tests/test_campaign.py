@@ -149,6 +149,7 @@ def test_corrupt_raw_quarantined_rest_processed(result, corrupt, sites_file):
     assert f["site"] == "frdf" and f["step"] == "calibrateImage"
     assert f["data_id"] == {"visit": corrupt["visit"], "detector": corrupt["detector"]}
     assert "corrupt raw" in f["error"] and corrupt["path"] in f["error"]
+    assert f["reason"] == "error"
     frdf = [r for r in result["progress"] if r["site"] == "frdf"]
     calib = next(r for r in frdf if r["step"] == "calibrateImage")
     assert calib["failed"] == 1 and calib["done"] == calib["total"] - 1
@@ -161,6 +162,29 @@ def test_corrupt_raw_quarantined_rest_processed(result, corrupt, sites_file):
     files = site.store.fs.glob(site.store.path(report) + "/quarantine-*.json")
     listed = [json.loads(site.store.fs.cat(p)) for p in files]
     assert any(e["data_id"]["detector"] == corrupt["detector"] for lst in listed for e in lst)
+
+
+def test_memory_requests_from_the_measured_peaks(result, sites_file):
+    """The next campaign's first memory requests: per label, the 95th percentile of the peaks
+    its quanta measured (one per quantum, at every site) and a quarter more."""
+    from drp_flows.datamodel import campaign_collection
+    from drp_flows.engine.register import read_manifests
+    from drp_flows.flows.campaign import memory_requests
+
+    requests = memory_requests(sites_file, CAMPAIGN)
+    ran = {r["step"] for r in result["progress"] if r["done"]}
+    assert set(requests) == ran
+    peaks: dict[str, dict[str, float]] = {}
+    for site in load_sites(sites_file).sites.values():
+        butler = open_butler(site)
+        runs = butler.registry.getCollectionChain(campaign_collection(CAMPAIGN))
+        for row in read_manifests(site.store, [r for r in runs if CAMPAIGN in r]):
+            label = row["quantum"].split(" ")[0]
+            peaks.setdefault(label, {})[row["quantum"]] = row["peak_rss_mb"]
+    for label, by_quantum in peaks.items():
+        mb = np.percentile(list(by_quantum.values()), 95) * 1.25
+        assert requests[label] == pytest.approx(mb * 2**20, rel=1e-6), label
+        assert 50 * 2**20 < requests[label] < 24 * 2**30, (label, requests[label])
 
 
 def qa_numbers(campaign) -> dict:

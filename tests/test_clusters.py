@@ -7,37 +7,19 @@ test double in the suite.
 """
 
 import os
-import shutil
-import subprocess
 import time
 
 import dask
 import pytest
 from distributed import Client
 
+from drp_flows.engine.executor import Executor
+from drp_flows.engine.register import register_outputs
 from drp_flows.sites.butler import open_butler
-from drp_flows.sites.clusters import make_cluster, running_cluster
+from drp_flows.sites.clusters import executor_pool, make_cluster, running_cluster
 from drp_flows.sites.config import ClusterConfig, load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
-from drp_flows.tasks.quanta import run_batch
-from drp_flows.tasks.register import register_outputs
-
-
-def slurm_available() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
-
-
-@pytest.fixture
-def slurm():
-    if not slurm_available():
-        reason = "no running Slurm (make test provisions one when run as root on Debian)"
-        if os.environ.get("DRP_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DRP_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
 
 
 @pytest.mark.slurm
@@ -52,11 +34,15 @@ def test_slurm_site_runs_a_step1_batch(slurm, three_sites, tmp_path):
     cfg = ClusterConfig(kind="slurm", jobs=1, cores=1, processes=1, memory="1GB", queue="debug",
                         walltime="00:10:00", log_directory=str(tmp_path / "logs"),
                         local_directory=str(tmp_path))
-    with running_cluster(cfg, timeout=180) as address, Client(address) as client:
+    with running_cluster(cfg, timeout=180) as address, Client(address) as client, \
+            Executor("usdf", {"short": executor_pool("short", address, cfg)}) as executor:
         job_ids = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
         assert job_ids and all(job_ids.values()), job_ids     # workers are Slurm jobs
-        results = run_batch(client, step1.calibrate_image, site.store,
-                            {"camera": step1.camera_config(butler)}, quanta, token="slurm")
+        resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
+        assert resources == [{"MEMORY": 10**9}], resources      # what quanta ask for
+        results = executor.run(step1.calibrate_image, site.store,
+                               {"camera": step1.camera_config(butler)}, quanta, "slurm",
+                               memory=5 * 10**8)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     reg = register_outputs(butler, site.store, results, run)
     assert reg.datasets == 18
@@ -98,6 +84,7 @@ def test_htcondor_site_submits_the_rendered_job(fake_condor):
         assert "MY.DaskWorkerDisk = 10000000000" in jdl
         assert "+MaxRuntime = 7200" in jdl
         assert "--lifetime 110m" in jdl
+        assert "--resources MEMORY=2000000000" in jdl   # per worker: 4 GB, 2 processes
         assert cluster.scheduler_address.split(":")[-1] in jdl      # workers call home
         assert (fake_condor / "condor.log").read_text().split()[0].endswith("condor_submit")
     finally:
@@ -120,6 +107,7 @@ def test_local_kind_passes_options_through():
         workers = client.scheduler_info()["workers"].values()
         assert len(workers) == 2
         assert all(w["memory_limit"] == 500_000_000 for w in workers)
+        assert all(w["resources"] == {"MEMORY": 500_000_000} for w in workers)
         # no statistical profiler (drp_flows/__init__.py: it can deadlock CPython 3.11)
         profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
         assert len(profiling) == 2 and not any(profiling.values()), profiling

@@ -10,10 +10,10 @@ import json
 import pytest
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection
+from drp_flows.engine.register import read_manifests
+from drp_flows.engine.transfer import EmbargoError
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
-from drp_flows.tasks.register import read_manifests
-from drp_flows.tasks.transfer import EmbargoError
 
 
 def made_from(site, campaign: str, made_here_only: bool = False) -> dict[str, set[int]]:

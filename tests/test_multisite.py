@@ -6,7 +6,7 @@ last visits under embargo, groups of at most 5 visits), the same raw truncated i
 
 import numpy as np
 import pytest
-from conftest import CAMPAIGN, corrupt_raw, last_visits_embargo, write_site_file
+from conftest import CAMPAIGN, corrupt_raw, last_visits_embargo, table_differences, write_site_file
 
 from drp_flows.datamodel import campaign_collection
 from drp_flows.sites.butler import open_butler
@@ -39,20 +39,6 @@ def datasets(site_file: str, dataset_type: str) -> dict:
     butler = open_butler(sites[sites.campaign_site], collections=campaign_collection(CAMPAIGN))
     return {tuple(sorted(r.dataId.required.items())): butler.get(r)
             for r in butler.registry.queryDatasets(dataset_type, findFirst=True)}
-
-
-def table_differences(key, a, b) -> list[str]:
-    if len(a) != len(b):
-        return [f"{key}: {len(a)} rows vs {len(b)}"]
-    out = []
-    for col in a.colnames:
-        x, y = np.asarray(a[col]), np.asarray(b[col])
-        if x.dtype.kind == "f":
-            if not np.allclose(x, y, rtol=1e-9, atol=0, equal_nan=True):
-                out.append(f"{key} {col}: largest difference {np.nanmax(np.abs(x - y)):.3g}")
-        elif not np.array_equal(x, y):
-            out.append(f"{key} {col}: {np.sum(x != y)} values differ")
-    return out
 
 
 def map_differences(key, a, b) -> list[str]:

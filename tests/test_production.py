@@ -192,3 +192,25 @@ def xpath_string(text: str) -> str:
     """An XPath string literal of any text (as the page shows it: one line)."""
     parts = " ".join(text.split()).split("'")
     return "concat('" + "', \"'\", '".join(parts) + "', '')"
+
+
+def test_a_stage_no_worker_starts_fails_in_its_deadline(campaign):
+    """A site's stage as its deployment's run while the site's worker is down (the shared
+    campaign's workers are stopped): the campaign's wait gives up after
+    deployment_start_timeout, names the pool, and cancels the run."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from drp_flows.flows.campaign import await_deployment_run
+    from prefect_ops import run
+
+    out = run(campaign.env, "prefect", "deployment", "run", "drp-site-stage/frdf",
+              "-p", f"site_file={campaign.site_file}", "-p", "site=frdf",
+              "-p", "campaign=nobody-home", "-p", "stage=stage1")
+    flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+    frdf = load_sites(campaign.site_file)["frdf"].model_copy(
+        update={"deployment_start_timeout": 3.0})
+    with temporary_settings({PREFECT_API_URL: campaign.env["PREFECT_API_URL"]}), \
+            pytest.raises(TimeoutError, match="not started by the worker of pool drp-frdf in 3 s"):
+        await_deployment_run(flow_run_id, "stage1 at site frdf", frdf, poll=0.5)
+    state = api(campaign.env, "GET", f"/flow_runs/{flow_run_id}")["state"]
+    assert state["type"] == "CANCELLED" and "deployment_start_timeout" in state["message"]

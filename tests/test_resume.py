@@ -10,31 +10,25 @@ import subprocess
 import sys
 import time
 
+from conftest import registered
 from prefect.settings import PREFECT_API_URL
 
-from drp_flows.datamodel import campaign_collection
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
-from drp_flows.tasks.step1 import existing_collections
 
 CAMPAIGN = "interrupted1"
 
 
 def calibrated(site_file: str) -> int:
-    """preliminary_visit_image datasets registered for the campaign (every RUN, not find-first)."""
-    butler = open_butler(load_sites(site_file)["solo"])
-    collections = existing_collections(butler, [campaign_collection(CAMPAIGN)])
-    return len(list(butler.registry.queryDatasets("preliminary_visit_image",
-                                                  collections=collections))) if collections else 0
+    return registered(site_file, CAMPAIGN)
 
 
-def test_killed_campaign_resumes_without_recomputing(prefect_api, survey, one_site_file, tmp_path):
+def test_killed_campaign_resumes_without_recomputing(solo_site, tmp_path):
     from drp_flows.flows.campaign import campaign_flow
-    from drp_flows.flows.setup import setup_flow
 
-    site_file = one_site_file("solo", storage=f"file://{tmp_path}/solo", sky="{tracts: [0]}")
-    (row,) = setup_flow(site_file, str(survey))
-    total = row["raws"]
+    site_file = solo_site("resume")
+    total = len(list(open_butler(load_sites(site_file)["solo"]).registry.queryDatasets(
+        "raw", collections="ComCamSim/raw/all")))
     drp = os.path.join(os.path.dirname(sys.executable), "drp")
     log = tmp_path / "campaign.log"
     proc = subprocess.Popen([drp, "campaign", CAMPAIGN, "--sites", site_file, "--group-size", "2",

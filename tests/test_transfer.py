@@ -11,12 +11,7 @@ from astropy.time import Time
 from conftest import moto_server
 
 from drp_flows.datamodel import RAW_RUN
-from drp_flows.sites.butler import open_butler
-from drp_flows.sites.config import EmbargoConfig, load_sites
-from drp_flows.sites.storage import Storage
-from drp_flows.tasks.ingest import site_exposures
-from drp_flows.tasks.simulate import load_survey
-from drp_flows.tasks.transfer import (
+from drp_flows.engine.transfer import (
     EmbargoError,
     Ledger,
     TransferError,
@@ -26,6 +21,11 @@ from drp_flows.tasks.transfer import (
     plan_transfer,
     plan_units,
 )
+from drp_flows.sites.butler import open_butler
+from drp_flows.sites.config import EmbargoConfig, load_sites
+from drp_flows.sites.storage import Storage
+from drp_flows.tasks.ingest import site_exposures
+from drp_flows.tasks.simulate import load_survey
 
 
 def _files(store: Storage, n_small: int, n_large: int, seed: int = 0) -> list[TransferItem]:

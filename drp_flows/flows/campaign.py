@@ -20,13 +20,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+from dask.utils import format_bytes
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
+from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from drp_flows.datamodel import campaign_collection
+from drp_flows.engine.register import read_manifests
+from drp_flows.engine.transfer import Ledger, check_embargo, plan_transfer, transfer
 from drp_flows.flows.stages import (
     STAGES,
     TRACT_GROUP,
@@ -54,7 +59,6 @@ from drp_flows.tasks.skymap import SKYMAP_NAME
 from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
 from drp_flows.tasks.step5 import DIA_CATALOGS
-from drp_flows.tasks.transfer import Ledger, check_embargo, plan_transfer, transfer
 
 
 def latest_attempt(site_file: str, campaign: str) -> int:
@@ -66,22 +70,53 @@ def latest_attempt(site_file: str, campaign: str) -> int:
     return max(attempts, default=0)
 
 
+def await_deployment_run(flow_run_id, what: str, site: SiteConfig, poll: float = 2.0):
+    """Wait for a site's deployment run to end, within bounds: the site's worker must start it
+    within `deployment_start_timeout` (a worker that is down leaves it scheduled for ever) and
+    it must end within `deployment_timeout`; past either it is cancelled and this fails."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling
+
+    start, started = time.monotonic(), None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run
+            now = time.monotonic()
+            if started is None and run.state and not (run.state.is_scheduled()
+                                                      or run.state.is_pending()):
+                started = now
+            late = (f"not started by the worker of pool {run.work_pool_name} in "
+                    f"{site.deployment_start_timeout:.0f} s (deployment_start_timeout): is it "
+                    "running?" if started is None and now - start > site.deployment_start_timeout
+                    else f"not finished in {site.deployment_timeout:.0f} s (deployment_timeout)"
+                    if now - start > site.deployment_timeout else "")
+            if late:           # a started run's worker stops its process on Cancelling
+                client.set_flow_run_state(flow_run_id, (Cancelling if started else Cancelled)(
+                    message=late), force=True)
+                raise TimeoutError(f"{what}: deployment {site.deployment} run {run.name} "
+                                   f"({run.id}) {late}")
+            time.sleep(poll)
+
+
 @task(name="stage at site", cache_policy=NO_CACHE)
 def stage_at_site(site_file: str, site: str, campaign: str, stage: str, address: str | None,
                   long_address: str | None, where: str, group_size: int, tracts_per_group: int,
-                  batch_size: int, attempt: int) -> list[dict]:
+                  batch_size: int, attempt: int, memory: dict[str, int]) -> list[dict]:
     """All groups of one stage at one site: here, on the cluster the campaign started, or,
     for a site with a deployment, by that deployment's run on the site's own worker."""
     cfg = load_sites(site_file)[site]
     if not cfg.deployment:
         return run_stage_groups(site_file, site, campaign, stage, address, long_address, where,
-                                group_size, tracts_per_group, batch_size, attempt)
+                                group_size, tracts_per_group, batch_size, attempt, memory)
     params = {"site_file": site_file, "site": site, "campaign": campaign, "stage": stage,
               "where": where, "group_size": group_size, "tracts_per_group": tracts_per_group,
-              "batch_size": batch_size, "attempt": attempt}
+              "batch_size": batch_size, "attempt": attempt, "memory": memory}
     # one key per campaign flow run: a retry of this task finds the run it started
-    run = run_deployment(cfg.deployment, parameters=params, timeout=None, poll_interval=2,
+    run = run_deployment(cfg.deployment, parameters=params, timeout=0,
                          idempotency_key=f"{flow_run.get_id()}-{stage}-{site}-{attempt}")
+    run = await_deployment_run(run.id, f"{stage} at site {site}", cfg)
     if not (run.state and run.state.is_completed()):
         raise RuntimeError(f"{stage} at site {site}: deployment {cfg.deployment} run {run.name} "
                            f"({run.id}) ended {run.state.name if run.state else 'without a state'}"
@@ -182,13 +217,24 @@ def exchange_boundaries(site_file: str, campaign: str, movement: str,
 
 def at_every_site(site_file: str, campaign: str, stage: str, addresses: dict, long_addresses: dict,
                   group_size: int, tracts_per_group: int, batch_size: int, where: str,
-                  attempt: int, only: str | None = None) -> list[dict]:
-    """One stage at every site (or only one), the sites concurrently."""
-    futures = [stage_at_site.with_options(name=f"{stage} at {name}").submit(
+                  attempt: int, memory: dict[str, int], only: str | None = None) -> list[dict]:
+    """One stage at every site (or only one), the sites concurrently; a site that fails (its
+    cluster lost) fails the stage once the other sites have finished theirs."""
+    futures = {name: stage_at_site.with_options(name=f"{stage} at {name}").submit(
         site_file, name, campaign, stage, addresses.get(name), long_addresses.get(name), where,
-        group_size, tracts_per_group, batch_size, attempt)
-        for name in load_sites(site_file).sites if only in (None, name)]
-    return [row for f in futures for row in f.result()]
+        group_size, tracts_per_group, batch_size, attempt, memory)
+        for name in load_sites(site_file).sites if only in (None, name)}
+    wait(list(futures.values()))
+    failed = {name: f.state for name, f in futures.items() if not f.state.is_completed()}
+    if failed:
+        reasons = "; ".join(f"{name}: {state.message}" for name, state in failed.items())
+        raise StageFailed(f"{stage} failed at {', '.join(failed)} ({reasons}); `drp rescue "
+                          f"{campaign}` runs what is left once the cause is mended")
+    return [row for f in futures.values() for row in f.result()]
+
+
+class StageFailed(RuntimeError):
+    """A stage that did not finish at some site: the campaign stops there."""
 
 
 def ledger_markdown(ledgers: list[dict]) -> str:
@@ -247,6 +293,29 @@ PLAN: list[tuple[Stage, list[tuple[str, Callable, list[str]]]]] = [
 CAMPAIGN_SITE_ONLY = {"global", "final"}
 
 
+def memory_requests(site_file: str, campaign: str, percentile: float = 95,
+                    margin: float = 1.25) -> dict[str, int]:
+    """First memory requests per label from what an earlier campaign's quanta measured (the
+    peak memory its manifests keep, at every site; a quantum whose outputs moved is counted
+    once): the percentile, with a margin, in bytes."""
+    peaks: dict[str, float] = {}
+    for site in load_sites(site_file).sites.values():
+        butler = open_butler(site)
+        chain = existing_collections(butler, [campaign_collection(campaign)])
+        runs = butler.registry.getCollectionChain(chain[0]) if chain else []
+        table = read_manifests(site.store, [r for r in runs if r.startswith(chain[0] + "/")])
+        if len(table):
+            peaks |= dict(zip(table["quantum"], table["peak_rss_mb"], strict=True))
+    if not peaks:
+        raise ValueError(f"campaign {campaign!r} has no kept manifests at the sites of "
+                         f"{site_file}: no memory measured to start from")
+    by_label: dict[str, list[float]] = {}
+    for quantum, peak in peaks.items():
+        by_label.setdefault(quantum.split(" ", 1)[0], []).append(peak)
+    return {label: int(np.percentile(p, percentile) * margin * 2**20)
+            for label, p in by_label.items()}
+
+
 def carry_over(site_file: str, campaign: str, earlier: str) -> int:
     """Chain an earlier campaign's single-frame RUNs (the per-visit steps of stage 1, whose
     outputs later exposures do not change) into this campaign's chain at every site, so that
@@ -269,7 +338,7 @@ def carry_over(site_file: str, campaign: str, earlier: str) -> int:
 def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", where: str = "",
                   stages: list[Stage] | None = None, group_size: int = 100,
                   tracts_per_group: int = 10, batch_size: int = 500, survey: str | None = None,
-                  rescue: bool = False, reuse: str = "") -> dict:
+                  rescue: bool = False, reuse: str = "", memory_from: str = "") -> dict:
     """Run the campaign over the sites of the site file: stage 1 everywhere, fan-in, the global
     calibration at the campaign site, fan-out, stages 2-4 everywhere with their fan-ins; then QA
     against the truth of a simulated survey if one is given. Returns progress rows, transfer
@@ -287,12 +356,15 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
         stages: Only these stages, each with the movements that bring its inputs (none: all).
         group_size: Visits per group at most (a group is one stage flow run at a site).
         tracts_per_group: Tracts per group at most.
-        batch_size: Quanta per batch (one Prefect task drives a batch on the site's cluster).
+        batch_size: Quanta registered together at most (every 30 s at least).
         survey: A simulated survey's folder: QA against its truth when given.
         rescue: Start a new attempt of every group (its own RUN collections, chained in
             front), which runs only the quanta that failed or are still missing.
         reuse: An earlier campaign whose single-frame outputs this one takes instead of
             redoing them (the weekly runs reuse the previous week's).
+        memory_from: An earlier campaign whose measured peak memory per label (its 95th
+            percentile, with a quarter more) is this one's first memory request per label,
+            instead of the pipeline's.
     """
     start = time.perf_counter()
     logger = get_run_logger()
@@ -306,6 +378,10 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
     if reuse:
         logger.info("%d single-frame RUNs of campaign %s reused", carry_over(site_file, campaign, reuse),
                     reuse)
+    memory = memory_requests(site_file, memory_from) if memory_from else {}
+    if memory:
+        logger.info("first memory requests from campaign %s: %s", memory_from,
+                    ", ".join(f"{label} {format_bytes(b)}" for label, b in sorted(memory.items())))
     chosen = set(stages or STAGES)
     rows, ledgers = [], []
     with ExitStack() as stack:
@@ -325,7 +401,7 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
                 ledgers += move(site_file, campaign, movement, dataset_types)
             rows += at_every_site(site_file, campaign, stage, addresses, long_addresses,
                                   group_size, tracts_per_group, batch_size, where, attempt,
-                                  only=home if stage in CAMPAIGN_SITE_ONLY else None)
+                                  memory, only=home if stage in CAMPAIGN_SITE_ONLY else None)
     table = progress_markdown([StepProgress.from_row(r) for r in rows])
     create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"
                              f"## Transfers\n\n{ledger_markdown(ledgers)}\n",

@@ -15,23 +15,23 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from distributed import Client
+from dask.utils import parse_bytes
 from lsst.daf.butler import Butler, ButlerUserError, CollectionType
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
+from drp_flows.engine.executor import ClusterLost, Executor, RetryPolicy
+from drp_flows.engine.quanta import Quantum, QuantumResult, ordered
+from drp_flows.engine.register import Registration, register_outputs
 from drp_flows.sites.butler import open_butler
-from drp_flows.sites.clusters import running_clusters
+from drp_flows.sites.clusters import executor_pool, running_clusters
 from drp_flows.sites.config import SiteConfig, load_sites
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks import step1, step2, step3, step4, step5, step7
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.pipeline import LABELS
-from drp_flows.tasks.quanta import Quantum, QuantumResult, cluster_quanta, run_batch
-from drp_flows.tasks.register import Registration, register_outputs
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 
 # What each stage runs, by scope, in order. A scope says what a group of the stage is: a range
@@ -48,6 +48,7 @@ STAGES = {
 }
 
 TRACT_GROUP = "tracts-"     # the prefix of tract groups' names; visit groups are visit ranges
+FLUSH_SECONDS = 30.0        # finished quanta wait at most this long to be registered
 
 
 @dataclass
@@ -68,6 +69,7 @@ class StepProgress:
     attempt: int = 1
     state: str = "waiting"       # waiting, running, done, failed, blocked, rescued
     failures: list[dict] = field(default_factory=list)
+    error: str = ""              # why the group failed as a whole (a lost cluster)
 
     @property
     def percent(self) -> float:
@@ -89,42 +91,49 @@ class StepProgress:
                       else "rescued" if self.attempt > 1 and self.done else "done")
 
 
-@task(name="run batch", cache_policy=NO_CACHE)
-def run_batch_task(address: str, step: str, storage: Storage, config: dict,
-                   quanta: list[Quantum], token: str) -> list[QuantumResult]:
-    """One batch of quanta of one step, mapped onto the site's Dask cluster."""
-    with Client(address, set_as_default=False) as client:
-        return run_batch(client, LABELS[step].run, storage, config, quanta, token)
-
-
 @task(name="register outputs", cache_policy=NO_CACHE)
 def register_task(butler: Butler, storage: Storage, results: list[QuantumResult],
                   run: str) -> Registration:
-    """Bulk registration of one batch's outputs; runs in the flow thread, the single writer."""
+    """Bulk registration of a batch of results; runs in the flow thread, the single writer."""
     return register_outputs(butler, storage, results, run)
 
 
-def run_step(butler: Butler, site: SiteConfig, address: str, step: str, quanta: list[Quantum],
-             run: str, config: dict, batch_size: int, progress: StepProgress,
-             on_batch: Callable[[], None] = lambda: None) -> None:
-    """Run the quanta of one step in batches and register each batch as it finishes;
-    `on_batch` is called after each registration (the group's progress file is rewritten)."""
-    batches = cluster_quanta(quanta, LABELS[step].cluster_by, batch_size)
-    token = uuid.uuid4().hex[:8]
-    futures = [run_batch_task.with_options(name=f"run batch {step} {i + 1}/{len(batches)}")
-               .submit(address, step, site.store, config, batch, token)
-               for i, batch in enumerate(batches)]
-    for future in as_completed(futures):
-        results = future.result()
-        register_task(butler, site.store, results, run)
-        for r in results:
-            if r.ok:
-                progress.done += 1
-            else:
-                progress.failed += 1
-                progress.failures.append({"data_id": r.data_id, "error_class": r.error_class,
-                                          "error": r.error, "inputs": r.inputs.get("raw", "")})
+@task(name="run step", cache_policy=NO_CACHE)
+def run_step(executor: Executor, butler: Butler, site: SiteConfig, step: str,
+             quanta: list[Quantum], run: str, config: dict, memory: int, batch_size: int,
+             progress: StepProgress, on_batch: Callable[[], None] = lambda: None) -> None:
+    """Run the quanta of one step on the site's pools, registering their outputs a batch at
+    a time: every `batch_size` results or FLUSH_SECONDS, whichever comes first. `on_batch` is
+    called after each registration (the group's progress file is rewritten). Called, not
+    submitted: it runs in the flow thread, so registration keeps one writer."""
+    label = LABELS[step]
+    batch: list[QuantumResult] = []
+    flushed = [time.monotonic()]
+
+    def flush() -> None:
+        if batch:
+            register_task(butler, site.store, list(batch), run)
+            batch.clear()
+        flushed[0] = time.monotonic()
         on_batch()
+
+    def on_result(r: QuantumResult) -> None:
+        if r.ok:
+            progress.done += 1
+        else:
+            progress.failed += 1
+            progress.failures.append({"data_id": r.data_id, "reason": r.reason,
+                                      "error_class": r.error_class, "error": r.error,
+                                      "inputs": r.inputs.get("raw", "")})
+        batch.append(r)
+        if len(batch) >= batch_size or time.monotonic() - flushed[0] > FLUSH_SECONDS:
+            flush()
+
+    try:
+        executor.run(label.run, site.store, config, ordered(quanta, label.cluster_by),
+                     uuid.uuid4().hex[:8], memory, label.pool, on_result)
+    finally:
+        flush()      # what finished is registered, also when the pool was lost
 
 
 def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
@@ -238,9 +247,11 @@ def progress_markdown(rows: list[StepProgress]) -> str:
 @flow(name="drp-stage", flow_run_name="{site}-{stage}-{group}")
 def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str, group: str,
                ids: list[int], address: str, long_address: str | None = None, attempt: int = 1,
-               batch_size: int = 500) -> list[dict]:
+               batch_size: int = 500, memory: dict[str, int] | None = None) -> list[dict]:
     """Run one stage's labels of one scope for one group at one site: `ids` are the group's
-    visits or tracts (nothing for the campaign scope). Long quanta go to `long_address`."""
+    visits or tracts (nothing for the campaign scope). Long quanta go to `long_address`, and
+    so do quanta that need more memory than the short pool's workers have. `memory` is the
+    first memory request per label, in bytes (default: the pipeline table's)."""
     logger = get_run_logger()
     site_cfg = load_sites(site_file)[site]
     butler = open_butler(site_cfg, writeable=True)
@@ -249,25 +260,40 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
     progress = [StepProgress(site, label, group, stage, attempt=attempt)
                 for label in STAGES[stage][scope]]
     write_progress(site_cfg, campaign, stage, group, progress)
-    for p in progress:
-        spec = LABELS[p.step]
-        run = group_run(campaign, spec.step, group, attempt)
-        butler.registry.registerRun(run)
-        chain_run(butler, campaign, run)
-        quanta, p.skipped, blocked = spec.plan(butler, site_cfg.store, run, ids, done_in)
-        p.blocked, p.total = len(blocked), len(quanta) + p.skipped + len(blocked)
-        long = spec.long and long_address is not None
-        p.pool, p.state = ("long" if long else "short"), "running"
-        write_progress(site_cfg, campaign, stage, group, progress)
-        start = time.perf_counter()
-        run_step(butler, site_cfg, long_address if long else address, p.step, quanta, run, config,
-                 batch_size, p, lambda: write_progress(site_cfg, campaign, stage, group, progress))
-        p.seconds = time.perf_counter() - start
-        p.finish()
-        write_progress(site_cfg, campaign, stage, group, progress)
-        create_markdown_artifact(progress_markdown(progress),
-                                 key=artifact_key(f"progress-{campaign}-{site}-{stage}-{group}"),
-                                 description=f"{campaign}: {stage} at {site}, group {group}")
+    pools = {"short": executor_pool("short", address, site_cfg.cluster)}
+    if long_address:
+        pools["long"] = executor_pool("long", long_address, site_cfg.long_cluster)
+    policy = RetryPolicy(site_cfg.memory_multiplier,
+                         parse_bytes(site_cfg.request_memory_max) if site_cfg.request_memory_max
+                         else None, site_cfg.max_worker_deaths)
+    with Executor(site, pools, policy, logger) as executor:
+        for p in progress:
+            spec = LABELS[p.step]
+            run = group_run(campaign, spec.step, group, attempt)
+            butler.registry.registerRun(run)
+            chain_run(butler, campaign, run)
+            quanta, p.skipped, blocked = spec.plan(butler, site_cfg.store, run, ids, done_in)
+            p.blocked, p.total = len(blocked), len(quanta) + p.skipped + len(blocked)
+            p.pool = spec.pool if spec.pool in pools else "short"
+            p.state = "running"
+            write_progress(site_cfg, campaign, stage, group, progress)
+            start = time.perf_counter()
+            try:
+                run_step(executor, butler, site_cfg, p.step, quanta, run, config,
+                         (memory or {}).get(p.step, parse_bytes(spec.memory)), batch_size, p,
+                         lambda: write_progress(site_cfg, campaign, stage, group, progress))
+            except ClusterLost as e:
+                p.state, p.error = "failed", str(e)
+                p.seconds = time.perf_counter() - start
+                write_progress(site_cfg, campaign, stage, group, progress)
+                quarantine(site_cfg, campaign, stage, group, progress)
+                raise
+            p.seconds = time.perf_counter() - start
+            p.finish()
+            write_progress(site_cfg, campaign, stage, group, progress)
+            create_markdown_artifact(progress_markdown(progress),
+                                     key=artifact_key(f"progress-{campaign}-{site}-{stage}-{group}"),
+                                     description=f"{campaign}: {stage} at {site}, group {group}")
     report = quarantine(site_cfg, campaign, stage, group, progress)
     failed = sum(p.failed for p in progress)
     if failed:
@@ -278,24 +304,26 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
 
 def run_stage_groups(site_file: str, site: str, campaign: str, stage: str, address: str,
                      long_address: str | None, where: str, group_size: int,
-                     tracts_per_group: int, batch_size: int, attempt: int) -> list[dict]:
+                     tracts_per_group: int, batch_size: int, attempt: int,
+                     memory: dict[str, int] | None = None) -> list[dict]:
     """One stage flow run per group of the stage at one site, in order."""
     rows = []
     for scope, name, ids in stage_groups(site_file, site, stage, where, group_size,
                                          tracts_per_group):
         rows += stage_flow(site_file, site, campaign, stage, scope, name, ids, address,
-                           long_address, attempt=attempt, batch_size=batch_size)
+                           long_address, attempt=attempt, batch_size=batch_size, memory=memory)
     return rows
 
 
 def needs_long_cluster(stage: str) -> bool:
-    return any(LABELS[label].long for labels in STAGES[stage].values() for label in labels)
+    return any(LABELS[label].pool == "long" for labels in STAGES[stage].values()
+               for label in labels)
 
 
 @flow(name="drp-site-stage", flow_run_name="{campaign}-{stage}-{site}")
 def site_stage_flow(site_file: str, site: str, campaign: str, stage: str, where: str = "",
                     group_size: int = 100, tracts_per_group: int = 10, batch_size: int = 500,
-                    attempt: int = 1) -> list[dict]:
+                    attempt: int = 1, memory: dict[str, int] | None = None) -> list[dict]:
     """One stage of a campaign at one site, as the site's own deployment: run by the worker
     of the site's work pool, at the site, it starts the site's cluster there (and its
     long-quantum cluster if the stage has long quanta), runs every group and stops them.
@@ -308,8 +336,9 @@ def site_stage_flow(site_file: str, site: str, campaign: str, stage: str, where:
         where: The campaign's Butler data query (empty: every visit).
         group_size: Visits per group at most.
         tracts_per_group: Tracts per group at most.
-        batch_size: Quanta per batch.
+        batch_size: Quanta registered together at most.
         attempt: The group attempt (a rescue is a new one).
+        memory: The first memory request per label, in bytes (default: the pipeline's).
     """
     cfg = load_sites(site_file)[site]
     clusters = {"short": cfg.cluster} | (
@@ -317,4 +346,4 @@ def site_stage_flow(site_file: str, site: str, campaign: str, stage: str, where:
     with running_clusters(clusters) as started:
         return run_stage_groups(site_file, site, campaign, stage, started["short"],
                                 started.get("long"), where, group_size, tracts_per_group,
-                                batch_size, attempt)
+                                batch_size, attempt, memory)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from astropy.time import Time, TimeDelta
+from dask.utils import parse_bytes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drp_flows.sites.storage import Storage
@@ -25,18 +26,49 @@ class ConfigError(ValueError):
 
 
 class ClusterConfig(BaseModel):
-    """One Dask cluster: `kind` picks the backend, the other keys are its arguments."""
+    """One Dask cluster: `kind` picks the backend, the keys below are ours, every other key is
+    an argument of the backend (dask-jobqueue's class, or LocalCluster).
+
+    Jobqueue and local clusters adapt between `minimum_jobs` and `maximum_jobs` (both default
+    to `jobs`), so that workers lost to walltime, preemption or a failed node, or retired by
+    `--lifetime`, are replaced. The executor's watchdog warns and then fails the group when a
+    pool has had no worker, or no finished quantum while quanta wait, for too long.
+    """
 
     model_config = ConfigDict(extra="allow")
     kind: Literal["local", "slurm", "htcondor", "address"]
     jobs: int = Field(1, ge=0, description="batch jobs (or local workers) to start")
+    minimum_jobs: int | None = Field(None, ge=0, description="adapt down to this many jobs")
+    maximum_jobs: int | None = Field(None, ge=1, description="adapt up to this many jobs")
     address: str | None = Field(None, description="scheduler address, for kind=address")
+    no_worker_warn: float = Field(60.0, gt=0, description="s without a worker before a warning")
+    no_worker_timeout: float = Field(3600.0, gt=0,
+                                     description="s without a worker before the group fails")
+    stall_warn: float | None = Field(
+        None, gt=0, description="s without a finished quantum, while quanta wait, before a "
+                                "warning (default a quarter of stall_timeout)")
+    stall_timeout: float | None = Field(
+        None, gt=0, description="s without a finished quantum, while quanta wait, before the "
+                                "group fails (default 2 h for a site's cluster, 24 h for its "
+                                "long_cluster)")
 
     @model_validator(mode="after")
-    def _address_needed(self):
+    def _check(self):
         if self.kind == "address" and not self.address:
             raise ValueError("kind 'address' needs an 'address' (tcp://host:port)")
+        if self.kind != "address" and self.maximum < 1:
+            raise ValueError("a cluster needs at least one job: set jobs or maximum_jobs >= 1")
+        if self.minimum > self.maximum:
+            raise ValueError(f"minimum_jobs {self.minimum} is above maximum_jobs {self.maximum}")
         return self
+
+    @property
+    def minimum(self) -> int:
+        return self.jobs if self.minimum_jobs is None else self.minimum_jobs
+
+    @property
+    def maximum(self) -> int:
+        return max(self.jobs, self.minimum_jobs or 0) if self.maximum_jobs is None else self.maximum_jobs
 
     @property
     def backend_kwargs(self) -> dict[str, Any]:
@@ -70,15 +102,36 @@ class SiteConfig(BaseModel):
     butler: ButlerConfig = Field(default_factory=ButlerConfig)
     embargo: bool = False
     sky: SkyShare = Field(default_factory=SkyShare)
+    memory_multiplier: float = Field(
+        2.0, gt=1, description="a quantum the memory limit killed is retried with its memory "
+                               "request times this (BPS's memoryMultiplier)")
+    request_memory_max: str | None = Field(
+        None, description="the largest memory request a retry may make (e.g. 64GB; default: "
+                          "the memory of the site's largest worker); past it the quantum is "
+                          "quarantined with reason 'memory'")
+    max_worker_deaths: int = Field(
+        3, ge=1, description="a quantum running when this many workers died is quarantined "
+                             "with reason 'killed worker'")
     deployment: str | None = Field(
         None, pattern=r"^[^/]+/[^/]+$",
         description="Prefect deployment (flow/name) that runs this site's stages on the worker "
                     "of the site's own work pool; unset, the campaign's process runs them")
+    deployment_start_timeout: float = Field(
+        900.0, gt=0, description="s for the site's worker to start a stage's deployment run")
+    deployment_timeout: float = Field(
+        14 * 86400.0, gt=0, description="s for a stage's deployment run to end")
 
     @field_validator("storage")
     @classmethod
     def _scheme(cls, value: str) -> str:
         Storage(value)  # raises for a scheme with no filesystem kind
+        return value
+
+    @field_validator("request_memory_max")
+    @classmethod
+    def _bytes(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)      # raises ValueError naming what it could not read
         return value
 
     @property

@@ -18,6 +18,7 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler, MissingCollectionError
 
 from drp_flows.datamodel import CALIB_COLLECTION, DATASET_TYPES, DEFAULTS, REFCAT, SKYMAP_RUN
+from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.calibrate import calibrate, visit_psf_fwhm
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE, Camera
@@ -26,7 +27,6 @@ from drp_flows.tasks.images import read_fits
 from drp_flows.tasks.isolated_stars import associate
 from drp_flows.tasks.isr import check_raw, run_isr
 from drp_flows.tasks.psf import psf_flux_scale
-from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 
 CALIBRATE = "calibrateImage"

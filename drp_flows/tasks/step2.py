@@ -12,10 +12,10 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 
 from drp_flows.datamodel import DEFAULTS, REFCAT
+from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.global_calib import calibrated_mag_err, fit_cycle
-from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.step1 import (
     data_key,
     dataset_uri,

@@ -12,6 +12,7 @@ from astropy.table import vstack
 from astropy.wcs import WCS
 from lsst.daf.butler import Butler
 
+from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.catalogs import read_table, table_bytes
@@ -19,7 +20,6 @@ from drp_flows.tasks.coadd import CoaddAccumulator, njy_scale, warp
 from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.objects import measure_objects
 from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
-from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, inset_polygon, tangent_wcs
 from drp_flows.tasks.step1 import (
     data_key,

@@ -19,6 +19,7 @@ from astropy.wcs import WCS
 from lsst.daf.butler import Butler
 from scipy.ndimage import binary_erosion
 
+from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.catalogs import table_bytes
@@ -33,7 +34,6 @@ from drp_flows.tasks.diffim import (
     subtract_images,
 )
 from drp_flows.tasks.images import Exposure, bit, read_fits
-from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs
 from drp_flows.tasks.step1 import (
     data_key,

@@ -14,6 +14,7 @@ import numpy as np
 from astropy.table import Table
 from lsst.daf.butler import Butler
 
+from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.association import (
     associate_dia_sources,
@@ -26,7 +27,6 @@ from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.diffim import forced_photometry, measurable
 from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.moving_objects import link, mover_candidates
-from drp_flows.tasks.quanta import OutputWriter, Quantum
 from drp_flows.tasks.skymap import MiniSkymap
 from drp_flows.tasks.step1 import (
     data_key,

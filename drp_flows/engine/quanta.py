@@ -1,11 +1,9 @@
-"""The batching engine: quanta, their clustering into batches, and running a batch on Dask.
+"""Quanta: one step on one data ID, what runs on a worker, and their clustering into batches.
 
-A quantum is one step on one data ID. It reads its inputs by URI, writes its outputs to the
-site's storage and returns a small manifest; it never touches a registry. A batch is a list of
-quanta of one step that one Prefect task drives with `client.map` (explicit keys, results as
-they complete). Science failures are data (status "failed", with error class and message) and
-the batch carries on; transient errors (lost connections, time-outs) are re-raised so Dask
-retries the quantum, and a quantum whose retries run out is recorded as failed too.
+A quantum reads its inputs by URI, writes its outputs to the site's storage and returns a small
+manifest; it never touches a registry. Science failures are data (status "failed", with error
+class and message) and the rest goes on; transient errors (lost connections, time-outs) are
+re-raised so Dask retries the quantum. engine/executor.py runs quanta on a site's clusters.
 """
 
 from __future__ import annotations
@@ -16,10 +14,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
-from itertools import groupby
-
-from distributed import Client, as_completed
 
 from drp_flows.sites.storage import Storage
 
@@ -59,6 +53,7 @@ class QuantumResult:
     outputs: list[OutputManifest] = field(default_factory=list)
     error_class: str = ""
     error: str = ""
+    reason: str = ""                 # why it failed: error, transient, memory, killed worker
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     inputs: dict = field(default_factory=dict)
@@ -86,9 +81,32 @@ class OutputWriter:
 StepFunction = Callable[[Quantum, Storage, OutputWriter, dict], None]
 
 
+def _reset_peak_memory() -> None:
+    """Start this process's peak resident size afresh (Linux's clear_refs, 5: the high-water
+    mark), so that the peak after a quantum is that quantum's (one thread per worker)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:     # not Linux, or not allowed: the process's lifetime peak, an upper bound
+        pass
+
+
+def _peak_memory_mb() -> float:
+    """This process's peak resident size since the last reset (VmHWM), in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def execute_quantum(step: StepFunction, storage: Storage, config: dict,
                     quantum: Quantum) -> QuantumResult:
     """Run one quantum on a worker; science errors become a failed result."""
+    _reset_peak_memory()
     start = time.perf_counter()
     writer = OutputWriter(storage, quantum)
     result = QuantumResult(quantum.step, quantum.data_id, "done", inputs=quantum.inputs)
@@ -101,7 +119,7 @@ def execute_quantum(step: StepFunction, storage: Storage, config: dict,
     except TRANSIENT_ERRORS:
         raise
     except Exception as e:  # a failed quantum is data, not a crashed batch
-        result.status = "failed"
+        result.status, result.reason = "failed", "error"
         result.error_class = type(e).__name__
         result.error = f"{quantum}: {e}"
         result.outputs = []
@@ -109,54 +127,12 @@ def execute_quantum(step: StepFunction, storage: Storage, config: dict,
         if tb:
             result.error += f" [{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}]"
     result.seconds = time.perf_counter() - start
-    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.peak_rss_mb = _peak_memory_mb()
     return result
 
 
-def cluster_quanta(quanta: Iterable[Quantum], dimensions: tuple[str, ...],
-                   max_size: int) -> list[list[Quantum]]:
-    """Dimension clustering (BPS style): quanta sharing `dimensions` values stay together,
-    whole clusters are packed into batches of at most `max_size` quanta, split only if larger."""
-    if max_size < 1:
-        raise ValueError(f"max_size={max_size}: must be >= 1")
-
-    def cluster_key(q: Quantum):
-        return tuple(q.data_id.get(d) for d in dimensions)
-
-    ordered = sorted(quanta, key=lambda q: (cluster_key(q), q.key))
-    batches: list[list[Quantum]] = [[]]
-    for _, group in groupby(ordered, key=cluster_key):
-        members = list(group)
-        if batches[-1] and len(batches[-1]) + len(members) > max_size:
-            batches.append([])
-        while len(members) > max_size:
-            if batches[-1]:
-                batches.append([])
-            batches[-1].extend(members[:max_size])
-            members = members[max_size:]
-            batches.append([])
-        batches[-1].extend(members)
-    return [b for b in batches if b]
-
-
-def run_batch(client: Client, step: StepFunction, storage: Storage, config: dict,
-              quanta: list[Quantum], token: str, retries: int = 2,
-              on_result: Callable[[QuantumResult], None] | None = None) -> list[QuantumResult]:
-    """Map a batch onto the cluster; returns one result per quantum, in completion order."""
-    by_key = {f"{q.key}-{token}": q for q in quanta}
-    futures = client.map(partial(execute_quantum, step, storage, config), list(by_key.values()),
-                         key=list(by_key), retries=retries, pure=False)
-    results = []
-    for future in as_completed(futures, loop=client.loop):
-        if future.status == "finished":
-            result = future.result()
-        else:
-            exc = future.exception()
-            q = by_key[future.key]
-            result = QuantumResult(q.step, q.data_id, "failed", error_class=type(exc).__name__,
-                                   error=f"{q}: {exc} (after {retries} retries)", inputs=q.inputs)
-        future.release()
-        results.append(result)
-        if on_result:
-            on_result(result)
-    return results
+def ordered(quanta: Iterable[Quantum], dimensions: tuple[str, ...]) -> list[Quantum]:
+    """Dimension clustering (BPS style), as an order: quanta sharing `dimensions` values (all
+    detectors of a visit) run one after the other, so a visit's inputs stay warm in the
+    workers' caches and its consolidation's inputs are all there early."""
+    return sorted(quanta, key=lambda q: (tuple(q.data_id.get(d) for d in dimensions), q.key))

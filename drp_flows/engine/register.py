@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from astropy.table import Table, vstack
 from lsst.daf.butler import Butler, DatasetIdGenEnum, DatasetRef, FileDataset
 
+from drp_flows.engine.quanta import OutputManifest, QuantumResult
 from drp_flows.sites.butler import formatter_for
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.catalogs import read_table, table_bytes
-from drp_flows.tasks.quanta import OutputManifest, QuantumResult
 
 
 @dataclass

@@ -1,0 +1,402 @@
+"""The executor: a step's quanta on a site's Dask clusters (its pools), with every wait bounded.
+
+Quanta go to the scheduler through a window of about two per worker thread, not all at once,
+so that a lost worker takes few quanta with it and a long step never sits whole in the
+scheduler. Each quantum asks for its memory as the Dask resource MEMORY that the workers
+advertise (sites/clusters.py), on the pool of its label's class (short or long), or on the
+other pool when only that one has workers big enough.
+
+What goes wrong in production, and what happens here:
+- a worker dies under a quantum (walltime, preemption, a killed process): our schedulers fail
+  its quanta at once (allowed-failures 0) and the quantum is submitted again; one that was
+  running each time `max_worker_deaths` workers died is quarantined as "killed worker";
+- the nanny killed the worker for memory (its "worker-restart-memory" event): the quanta that
+  were running there are submitted again with their request times `memory_multiplier` (BPS's
+  memoryMultiplier), on a pool whose workers have that much, and are quarantined with reason
+  "memory" once the request has reached `memory_maximum` or fits no worker;
+- a pool with no worker for `no_worker_timeout` s, or with no finished quantum for
+  `stall_timeout` s while quanta wait: a warning naming the site, pool and waiting quanta
+  first, then ClusterLost, which fails the group (`drp rescue` runs what is left).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+from dask.utils import format_bytes
+from distributed import Client, Future
+from distributed.scheduler import KilledWorker
+
+from drp_flows.engine.quanta import Quantum, QuantumResult, StepFunction, execute_quantum
+from drp_flows.sites.storage import Storage
+
+MEMORY = "MEMORY"             # the Dask resource every worker we start advertises, in bytes
+MEMORY_EVENTS = "worker-restart-memory"   # the topic of the nanny's memory kills
+STARTED_EVENTS = "drp-quantum-started"    # where a quantum submitted again started
+VERDICT_SECONDS = 3.0         # how long a killed worker's quanta wait for its nanny's event
+POLL_SECONDS = 1.0            # how often the watchdog asks a pool for its workers
+WARN_AGAIN_SECONDS = 300.0    # a watchdog warning is repeated at most this often
+RESULT_TIMEOUT = 120.0        # a finished quantum's result that cannot be fetched is lost
+
+
+def execute_again(step: StepFunction, storage: Storage, config: dict,
+                  quantum: Quantum) -> QuantumResult:
+    """A quantum submitted again after a worker died under it: it tells the scheduler where it
+    starts, and waits for the answer, so that if it kills this worker too the death is
+    blamed on it and on no quantum that was only queued beside it."""
+    from distributed import get_worker
+    from distributed.utils import sync
+
+    worker = get_worker()
+    sync(worker.loop, worker.scheduler.log_event, topic=STARTED_EVENTS,
+         msg={"key": worker.get_current_task(), "worker": worker.address})
+    return execute_quantum(step, storage, config, quantum)
+
+
+class ClusterLost(RuntimeError):
+    """A pool without workers, or without progress, past its deadline: the group fails."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One of a site's clusters as the executor sees it."""
+
+    name: str                          # short | long
+    address: str
+    kind: str = "local"
+    worker_memory: int | None = None   # bytes each worker advertises (None: nothing known)
+    no_worker_warn: float = 60.0
+    no_worker_timeout: float = 3600.0
+    stall_warn: float = 1800.0
+    stall_timeout: float = 7200.0
+
+    def fits(self, memory: int) -> bool:
+        return self.worker_memory is None or memory <= self.worker_memory
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    memory_multiplier: float = 2.0
+    memory_maximum: int | None = None  # None: the largest worker of any pool
+    max_worker_deaths: int = 3
+    retries: int = 2                   # Dask's own retries of transient errors
+
+
+@dataclass
+class _Attempt:
+    """A quantum's state across its submissions."""
+
+    quantum: Quantum
+    memory: int
+    pool: str = ""
+    tries: int = 0
+    deaths: int = 0
+
+
+@dataclass
+class _Watch:
+    """What the watchdog knows of one pool."""
+
+    pool: Pool
+    threads: int = 0
+    seen_workers: float = 0.0      # when the pool last had a worker
+    progress: float = 0.0          # when a quantum last finished there (or the wait began)
+    warned: float = 0.0
+    polled: float = 0.0
+
+
+class Executor:
+    """Runs quanta on a site's pools; one per stage flow, so that clients are opened once."""
+
+    def __init__(self, site: str, pools: dict[str, Pool], policy: RetryPolicy = RetryPolicy(),
+                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+        if not pools:
+            raise ValueError(f"site {site}: no cluster to run quanta on")
+        self.site, self.pools, self.policy = site, pools, policy
+        self.log = logger or logging.getLogger(__name__)
+        self._clients: dict[str, Client] = {}
+        largest = max((p.worker_memory for p in pools.values() if p.worker_memory), default=None)
+        self.memory_maximum = policy.memory_maximum or largest
+
+    def client(self, pool: str) -> Client:
+        if pool not in self._clients:
+            self._clients[pool] = Client(self.pools[pool].address, set_as_default=False,
+                                         timeout=60)
+        return self._clients[pool]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def place(self, memory: int, preferred: str) -> str | None:
+        """The pool a quantum of this memory runs on: its class's pool if it has one big
+        enough, else the pool with the largest workers that fits, else None."""
+        order = [preferred] if preferred in self.pools else []
+        order += sorted((p for p in self.pools if p not in order),
+                        key=lambda p: -(self.pools[p].worker_memory or 0))
+        return next((p for p in order if self.pools[p].fits(memory)), None)
+
+    def run(self, step: StepFunction, storage: Storage, config: dict, quanta: Iterable[Quantum],
+            token: str, memory: int, pool: str = "short",
+            on_result: Callable[[QuantumResult], None] | None = None) -> list[QuantumResult]:
+        """Run the quanta (in the order given) and return one result per quantum, in completion
+        order; `on_result` sees each as it arrives. Raises ClusterLost past a watchdog deadline
+        (what had finished was passed to `on_result` first)."""
+        run = _Run(self, (partial(execute_quantum, step, storage, config),
+                          partial(execute_again, step, storage, config)), token, pool, on_result)
+        return run.until_done(_Attempt(q, memory) for q in quanta)
+
+
+class _Run:
+    """One call of Executor.run: the window, the futures in flight and the watchdog."""
+
+    def __init__(self, executor: Executor, fns: tuple[Callable, Callable], token: str,
+                 preferred: str, on_result: Callable[[QuantumResult], None] | None):
+        self.ex, self.fns, self.token, self.preferred = executor, fns, token, preferred
+        self.on_result = on_result
+        self.results: list[QuantumResult] = []
+        self.pending: dict[str, deque[_Attempt]] = {name: deque() for name in executor.pools}
+        self.in_flight: dict[Future, _Attempt] = {}
+        self.done: queue.SimpleQueue[Future] = queue.SimpleQueue()  # filled by Dask's threads
+        self.deciding: list[tuple[_Attempt, KilledWorker, float]] = []
+        self.watch = {name: _Watch(p) for name, p in executor.pools.items()}
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def until_done(self, attempts: Iterable[_Attempt]) -> list[QuantumResult]:
+        for attempt in attempts:
+            self.queue(attempt, self.preferred)
+        now = time.monotonic()
+        for w in self.watch.values():
+            w.seen_workers = w.progress = now
+        try:
+            while any(self.pending.values()) or self.in_flight or self.deciding:
+                self.check_pools()
+                self.refill()
+                try:
+                    finished = [self.done.get(timeout=0.5)]
+                except queue.Empty:
+                    finished = []
+                while not self.done.empty():
+                    finished.append(self.done.get())
+                for future in finished:
+                    self.collect(future, self.in_flight.pop(future))
+                self.decide()
+        finally:
+            for future in self.in_flight:
+                future.cancel()
+        return self.results
+
+    def finish(self, result: QuantumResult) -> None:
+        self.results.append(result)
+        if self.on_result:
+            self.on_result(result)
+
+    def fail(self, attempt: _Attempt, reason: str, error_class: str, message: str) -> None:
+        q = attempt.quantum
+        self.finish(QuantumResult(q.step, q.data_id, "failed", error_class=error_class,
+                                  error=f"{q}: {message}", reason=reason, inputs=q.inputs))
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def queue(self, attempt: _Attempt, preferred: str, first: bool = False) -> None:
+        """Wait for a pool with workers big enough (quarantined if no pool has them); a
+        quantum submitted again goes first."""
+        attempt.pool = self.ex.place(attempt.memory, preferred) or ""
+        if not attempt.pool:
+            self.fail(attempt, "memory", "MemoryError", self.no_room(attempt.memory))
+        elif first:
+            self.pending[attempt.pool].appendleft(attempt)
+        else:
+            self.pending[attempt.pool].append(attempt)
+
+    def refill(self) -> None:
+        """Submit waiting quanta, in their order, while their pool's window has room."""
+        flying = dict.fromkeys(self.pending, 0)
+        for a in self.in_flight.values():
+            flying[a.pool] += 1
+        for pool, waiting in self.pending.items():
+            room = 2 * max(self.watch[pool].threads, 1) - flying[pool]
+            by_kind: dict[tuple[int, bool], list[_Attempt]] = {}
+            while waiting and room > 0:
+                attempt = waiting.popleft()
+                attempt.tries += 1
+                by_kind.setdefault((attempt.memory, attempt.tries > 1), []).append(attempt)
+                room -= 1
+            for (memory, again), attempts in by_kind.items():
+                resources = {MEMORY: memory} if self.ex.pools[pool].worker_memory else None
+                futures = self.ex.client(pool).map(
+                    self.fns[again], [a.quantum for a in attempts], pure=False,
+                    resources=resources, retries=self.ex.policy.retries,
+                    key=[f"{a.quantum.key}-{self.token}-{a.tries}" for a in attempts])
+                for future, attempt in zip(futures, attempts, strict=True):
+                    self.in_flight[future] = attempt
+                    future.add_done_callback(self.done.put)
+
+    def no_room(self, memory: int) -> str:
+        sizes = ", ".join(f"{name} {format_bytes(p.worker_memory) if p.worker_memory else '?'}"
+                          for name, p in self.ex.pools.items())
+        return (f"needs {format_bytes(memory)} of memory, more than any worker of site "
+                f"{self.ex.site} has (workers: {sizes})")
+
+    # -- results ----------------------------------------------------------------------------
+
+    def collect(self, future: Future, attempt: _Attempt) -> None:
+        self.watch[attempt.pool].progress = time.monotonic()
+        if future.status == "finished":
+            try:
+                result = future.result(timeout=RESULT_TIMEOUT)
+            except Exception:           # its worker left with the result: run it again
+                self.queue(attempt, attempt.pool, first=True)
+                return
+            finally:
+                future.release()
+            self.finish(result)
+            return
+        exc = future.exception(timeout=RESULT_TIMEOUT) if future.status == "error" else None
+        future.release()
+        if isinstance(exc, KilledWorker):
+            self.deciding.append((attempt, exc, time.monotonic()))
+        elif exc is None:               # cancelled under us (the scheduler restarted)
+            self.queue(attempt, attempt.pool, first=True)
+        else:
+            retries = self.ex.policy.retries
+            self.fail(attempt, "transient", type(exc).__name__, f"{exc} (after {retries} retries)")
+
+    def decide(self) -> None:
+        """Quanta whose worker died: by memory (the nanny said so), or by anything else once
+        the nanny had time to say so. Of a worker's quanta, those that were running there die
+        with it (the worker's last heartbeat names them, and a quantum submitted again says
+        where it started); the others were only queued there and are submitted again. When
+        nothing names one of them (it started after the last heartbeat), all are taken to
+        have run."""
+        if not self.deciding:
+            return
+        memory_kills, started = set(), {}
+        for pool in {a.pool for a, _, _ in self.deciding}:
+            client = self.ex.client(pool)
+            memory_kills |= {msg.get("worker") for _, msg in client.get_events(MEMORY_EVENTS)}
+            for _, msg in client.get_events(STARTED_EVENTS):
+                started.setdefault(msg["worker"], set()).add(msg["key"])
+        lost: dict[str, set[str]] = {}         # our quanta each dead worker took with it
+        said: dict[str, set[str]] = {}         # what it said ran there (may be stale)
+        for _, exc, _ in self.deciding:
+            worker = exc.last_worker.address
+            lost.setdefault(worker, set()).add(str(exc.task))
+            said.setdefault(worker, set(started.get(worker, ()))).update(exc.last_worker.executing)
+        running = {worker: keys & said[worker] for worker, keys in lost.items()}
+        now = time.monotonic()
+        undecided = []
+        for attempt, exc, since in self.deciding:
+            worker = exc.last_worker.address
+            by_memory = worker in memory_kills
+            if not by_memory and now - since < VERDICT_SECONDS:
+                undecided.append((attempt, exc, since))
+                continue
+            key = str(exc.task)
+            would_say = attempt.tries > 1       # had it started, it would have said so
+            if key in running[worker] or not (running[worker] or would_say):
+                if by_memory:
+                    self.more_memory(attempt, worker)
+                else:
+                    self.died(attempt, worker)
+            else:
+                self.queue(attempt, attempt.pool, first=True)
+        self.deciding = undecided
+
+    def died(self, attempt: _Attempt, worker: str) -> None:
+        attempt.deaths += 1
+        if attempt.deaths >= self.ex.policy.max_worker_deaths:
+            self.fail(attempt, "killed worker", "KilledWorker",
+                      f"{attempt.deaths} workers died while running it (the last {worker}, "
+                      f"site {self.ex.site})")
+            return
+        self.ex.log.warning("site %s: worker %s died running %s; submitted again",
+                         self.ex.site, worker, attempt.quantum)
+        self.queue(attempt, attempt.pool, first=True)
+
+    def more_memory(self, attempt: _Attempt, worker: str) -> None:
+        """BPS's memoryMultiplier: the request times the multiplier, up to the maximum."""
+        maximum = self.ex.memory_maximum
+        old = attempt.memory
+        if maximum is not None and old >= maximum:
+            self.fail(attempt, "memory", "MemoryError",
+                      f"killed by the memory limit of worker {worker} with {format_bytes(old)} "
+                      f"requested, the maximum (request_memory_max) of site {self.ex.site}")
+            return
+        new = int(old * self.ex.policy.memory_multiplier)
+        attempt.memory = min(new, maximum) if maximum is not None else new
+        pool = self.ex.place(attempt.memory, attempt.pool)
+        if pool is None:
+            self.fail(attempt, "memory", "MemoryError",
+                      f"killed by the memory limit of worker {worker} with {format_bytes(old)} "
+                      f"requested; {self.no_room(attempt.memory)}")
+            return
+        self.ex.log.warning("site %s: %s killed worker %s by its memory (%s requested); "
+                         "retried with %s on the %s pool", self.ex.site, attempt.quantum, worker,
+                         format_bytes(old), format_bytes(attempt.memory), pool)
+        self.queue(attempt, pool, first=True)
+
+    # -- the watchdog -----------------------------------------------------------------------
+
+    def check_pools(self) -> None:
+        """Warn, then fail, for a pool with quanta to run and no worker or no progress."""
+        now = time.monotonic()
+        for name, w in self.watch.items():
+            flying = sum(a.pool == name for a in self.in_flight.values())
+            waiting = len(self.pending[name])
+            if not (flying or waiting) or now - w.polled < POLL_SECONDS:
+                if not (flying or waiting):
+                    w.seen_workers = w.progress = now
+                continue
+            w.polled = now
+            try:
+                w.threads = sum(self.ex.client(name).nthreads(callback_timeout=30).values())
+            except Exception:      # the scheduler does not answer: as good as no worker
+                w.threads = 0
+            if w.threads:
+                w.seen_workers = now
+            if not flying:
+                w.progress = now
+            p = w.pool
+            idle, stalled = now - w.seen_workers, now - w.progress
+            where = f"site {self.ex.site}, {name} pool ({p.kind}, {p.address})"
+            if idle > p.no_worker_timeout:
+                raise ClusterLost(f"{where}: no worker for {idle:.0f} s (no_worker_timeout "
+                                  f"{p.no_worker_timeout:.0f} s); "
+                                  f"{self.describe(name, flying, waiting)}")
+            if stalled > p.stall_timeout:
+                raise ClusterLost(f"{where}: no quantum finished for {stalled:.0f} s "
+                                  f"(stall_timeout {p.stall_timeout:.0f} s); "
+                                  f"{self.describe(name, flying, waiting)}")
+            warn = ((idle > p.no_worker_warn and f"no worker for {idle:.0f} s, the group fails "
+                     f"at {p.no_worker_timeout:.0f} s") or
+                    (stalled > p.stall_warn and f"no quantum finished for {stalled:.0f} s, the "
+                     f"group fails at {p.stall_timeout:.0f} s"))
+            if not warn:
+                w.warned = 0.0
+            elif not w.warned or now - w.warned > WARN_AGAIN_SECONDS:
+                w.warned = now
+                self.ex.log.warning("%s: %s; %s", where, warn, self.describe(name, flying, waiting))
+
+    def describe(self, pool: str, flying: int, waiting: int) -> str:
+        """What waits on a pool: how many quanta of which steps, and the first of them."""
+        attempts = [a for a in self.in_flight.values() if a.pool == pool]
+        attempts += list(self.pending[pool])[:100]
+        steps = sorted({a.quantum.step for a in attempts})
+        first = attempts[0].quantum if attempts else ""
+        return (f"{flying} quanta of {', '.join(steps)} submitted and {waiting} waiting "
+                f"(the first {first})")
