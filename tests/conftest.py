@@ -282,8 +282,8 @@ def registered(site_file: str, campaign: str, dataset_type: str = "preliminary_v
     """Datasets of a type registered at the site file's campaign site for a campaign (every
     RUN of its chain, not find-first)."""
     from drp_flows.datamodel import campaign_collection
+    from drp_flows.engine.planning import existing_collections
     from drp_flows.sites.butler import open_butler
-    from drp_flows.tasks.step1 import existing_collections
 
     sites = load_sites(site_file)
     butler = open_butler(sites[sites.campaign_site])

@@ -81,7 +81,7 @@ class OutputWriter:
 StepFunction = Callable[[Quantum, Storage, OutputWriter, dict], None]
 
 
-def _reset_peak_memory() -> None:
+def reset_peak_memory() -> None:
     """Start this process's peak resident size afresh (Linux's clear_refs, 5: the high-water
     mark), so that the peak after a quantum is that quantum's (one thread per worker)."""
     try:
@@ -91,7 +91,7 @@ def _reset_peak_memory() -> None:
         pass
 
 
-def _peak_memory_mb() -> float:
+def peak_memory_mb() -> float:
     """This process's peak resident size since the last reset (VmHWM), in MB."""
     try:
         with open("/proc/self/status") as f:
@@ -106,7 +106,7 @@ def _peak_memory_mb() -> float:
 def execute_quantum(step: StepFunction, storage: Storage, config: dict,
                     quantum: Quantum) -> QuantumResult:
     """Run one quantum on a worker; science errors become a failed result."""
-    _reset_peak_memory()
+    reset_peak_memory()
     start = time.perf_counter()
     writer = OutputWriter(storage, quantum)
     result = QuantumResult(quantum.step, quantum.data_id, "done", inputs=quantum.inputs)
@@ -127,7 +127,7 @@ def execute_quantum(step: StepFunction, storage: Storage, config: dict,
         if tb:
             result.error += f" [{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}]"
     result.seconds = time.perf_counter() - start
-    result.peak_rss_mb = _peak_memory_mb()
+    result.peak_rss_mb = peak_memory_mb()
     return result
 
 

@@ -30,11 +30,11 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from drp_flows.datamodel import campaign_collection
+from drp_flows.engine.planning import TRACT_GROUP, existing_collections, within
 from drp_flows.engine.register import read_manifests
 from drp_flows.engine.transfer import Ledger, check_embargo, plan_transfer, transfer
 from drp_flows.flows.stages import (
     STAGES,
-    TRACT_GROUP,
     StepProgress,
     artifact_key,
     chain_run,
@@ -56,7 +56,6 @@ from drp_flows.tasks.qa_diffim import step4_qa
 from drp_flows.tasks.qa_objects import object_qa
 from drp_flows.tasks.qa_survey import step7_qa
 from drp_flows.tasks.skymap import SKYMAP_NAME
-from drp_flows.tasks.step1 import existing_collections
 from drp_flows.tasks.step3 import MAP_TYPES
 from drp_flows.tasks.step5 import DIA_CATALOGS
 
@@ -139,10 +138,10 @@ def transfer_task(site_file: str, campaign: str, movement: str, source: str, des
     src_butler, dst_butler = open_butler(src), open_butler(dst, writeable=True)
     if ccds is not None:
         visits = sorted({int(v) for v, _ in ccds})
-    where = f"visit IN ({', '.join(map(str, visits))})" if visits else ""
     items = [] if visits == [] else plan_transfer(
         src_butler, src.store, dst_butler, dst.store, dataset_types,
-        existing_collections(src_butler, [campaign_collection(campaign)]), where)
+        existing_collections(src_butler, [campaign_collection(campaign)]),
+        **(within("visit", visits) if visits else {}))
     if ccds is not None:
         wanted = {(int(v), int(d)) for v, d in ccds}
         items = [i for i in items if "detector" not in i.ref.dataId.required

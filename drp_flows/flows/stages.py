@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
 from drp_flows.engine.executor import ClusterLost, Executor, RetryPolicy
+from drp_flows.engine.planning import TRACT_GROUP, make_groups
 from drp_flows.engine.quanta import Quantum, QuantumResult, ordered
 from drp_flows.engine.register import Registration, register_outputs
 from drp_flows.sites.butler import open_butler
@@ -47,7 +48,6 @@ STAGES = {
     "final": {"campaign": [step5.LINK, step7.CONSOLIDATE_MAPS, step7.PLOT_MAPS]},
 }
 
-TRACT_GROUP = "tracts-"     # the prefix of tract groups' names; visit groups are visit ranges
 FLUSH_SECONDS = 30.0        # finished quanta wait at most this long to be registered
 
 
@@ -137,14 +137,25 @@ def run_step(executor: Executor, butler: Butler, site: SiteConfig, step: str,
 
 
 def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
-    """The visits whose raws a site holds, those the data query `where` selects if given."""
+    """The visits whose raws a site holds, those the data query `where` selects if given.
+    Three queries that stay fast at survey scale: the exposures with raws, their visits, and
+    the visits the query selects (a visit query joined to the raws themselves takes seconds
+    per thousand visits)."""
     butler = open_butler(load_sites(site_file)[site])
+    registry = butler.registry
+    exposures = {int(d["exposure"]) for d in registry.queryDataIds(
+        ["exposure"], datasets="raw", collections=DEFAULTS, instrument=INSTRUMENT)}
+    held = {int(r.visit) for r in registry.queryDimensionRecords("visit_definition",
+                                                                 instrument=INSTRUMENT)
+            if int(r.exposure) in exposures}
+    if not where:
+        return sorted(held)
     try:
-        ids = butler.registry.queryDataIds(["visit"], datasets="raw", collections=DEFAULTS,
-                                           instrument=INSTRUMENT, skymap=SKYMAP_NAME, where=where)
-        return sorted({int(d["visit"]) for d in ids})
+        chosen = {int(d["visit"]) for d in registry.queryDataIds(
+            ["visit"], instrument=INSTRUMENT, skymap=SKYMAP_NAME, where=where)}
     except ButlerUserError as e:
         raise ValueError(f"data query {where!r} at site {site}: {e}") from None
+    return sorted(held & chosen)
 
 
 def site_tracts(site_file: str, site: str, where: str = "") -> list[int]:
@@ -155,19 +166,11 @@ def site_tracts(site_file: str, site: str, where: str = "") -> list[int]:
     tracts = [t for t in sky.tracts if site_cfg.owns_tract(t, sky.tract_center(t)[1])]
     if not where:
         return tracts
+    visits = set(site_visits(site_file, site, where))
     reached = {int(d["tract"]) for d in butler.registry.queryDataIds(
-        ["visit", "tract"], datasets="raw", collections=DEFAULTS, instrument=INSTRUMENT,
-        skymap=SKYMAP_NAME, where=where)}
+        ["visit", "tract"], instrument=INSTRUMENT, skymap=SKYMAP_NAME, where=where)
+        if int(d["visit"]) in visits}
     return [t for t in tracts if t in reached]
-
-
-def make_groups(ids: list[int], size: int, prefix: str = "") -> dict[str, list[int]]:
-    """Groups of at most `size` of the ids in order (visit or tract ranges), named by their
-    first and last id."""
-    if size < 1:
-        raise ValueError(f"group size {size}: must be >= 1")
-    chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
-    return {prefix + "-".join(map(str, sorted({c[0], c[-1]}))): c for c in chunks}
 
 
 def stage_groups(site_file: str, site: str, stage: str, where: str, group_size: int,

@@ -15,9 +15,17 @@ from functools import lru_cache
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
-from lsst.daf.butler import Butler, MissingCollectionError
+from lsst.daf.butler import Butler
 
-from drp_flows.datamodel import CALIB_COLLECTION, DATASET_TYPES, DEFAULTS, REFCAT, SKYMAP_RUN
+from drp_flows.datamodel import CALIB_COLLECTION, DEFAULTS, REFCAT, SKYMAP_RUN
+from drp_flows.engine.planning import (
+    data_key,
+    dataset_uris,
+    done_quanta,
+    existing_collections,
+    output_uri,
+    within,
+)
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.calibrate import calibrate, visit_psf_fwhm
@@ -39,100 +47,88 @@ SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zer
                 "APCORR": "ap_corr_qa"}
 
 
-def output_uri(storage: Storage, run: str, dataset_type: str, data_id: dict) -> str:
-    """Where a quantum writes an output: <datastore>/<run>/<type>/<visit>/<type>_<ids>.<ext>."""
-    name = "_".join([dataset_type, INSTRUMENT] + [str(data_id[k]) for k in sorted(data_id)])
-    folder = [str(data_id[k]) for k in ("visit", "tract") if k in data_id][:1]
-    return storage.join("repo", run, dataset_type, *folder,
-                        name + DATASET_TYPES[dataset_type].extension)
-
-
-def dataset_uri(butler: Butler, storage: Storage, ref) -> str:
-    return storage.from_butler_uri(butler.getURI(ref))
-
-
 def camera_config(butler: Butler) -> dict:
     return dict(butler.get("camera", instrument=INSTRUMENT, collections=CALIB_COLLECTION))
 
 
-def existing_collections(butler: Butler, collections: list[str]) -> list[str]:
-    """Those of the collections that exist (a new campaign's chain does not yet)."""
-    existing = []
-    for c in collections:
-        try:
-            butler.registry.getCollectionType(c)
-        except MissingCollectionError:
-            continue
-        existing.append(c)
-    return existing
+class CalibrationLookup:
+    """The master calibrations of a group's exposures, from one query per kind of what the
+    calibration collection certifies (with validity ranges), instead of a find_dataset per
+    detector and filter. Exposure times are read only when a detector has calibrations of
+    more than one validity range."""
 
+    def __init__(self, butler: Butler, storage: Storage, exposures: list[int]):
+        self.butler, self.storage, self.exposures = butler, storage, exposures
+        self.certified: dict[tuple, list] = {}
+        for kind in ("bias", "dark", "flat"):
+            for a in butler.registry.queryDatasetAssociations(kind, collections=CALIB_COLLECTION):
+                key = (kind, int(a.ref.dataId["detector"]),
+                       a.ref.dataId["physical_filter"] if kind == "flat" else "")
+                self.certified.setdefault(key, []).append(a)
+        refs = [a.ref for found in self.certified.values() for a in found]
+        self.uris = dict(zip([r.id for r in refs], dataset_uris(butler, storage, refs),
+                             strict=True))
+        self._timespans: dict[int, object] | None = None
 
-def done_quanta(butler: Butler, collections: list[str], outputs: tuple[str, ...]) -> set[tuple]:
-    """Data IDs (without instrument) for which every output is registered in the collections:
-    the quanta that skip-existing leaves out."""
-    existing = existing_collections(butler, collections)
-    done = None
-    for dataset_type in outputs:
-        ids = set()
-        if existing:
-            for ref in butler.registry.queryDatasets(dataset_type, collections=existing,
-                                                     findFirst=True):
-                ids.add(tuple(sorted((k, v) for k, v in ref.dataId.required.items()
-                                     if k != "instrument")))
-        done = ids if done is None else done & ids
-    return done or set()
+    def timespan(self, exposure: int):
+        if self._timespans is None:
+            self._timespans = {int(r.id): r.timespan for r in self.butler.registry
+                               .queryDimensionRecords("exposure", **within("exposure",
+                                                                           self.exposures))}
+        return self._timespans[exposure]
 
-
-def visit_uris(butler: Butler, storage: Storage, dataset_type: str,
-               collections: list[str]) -> dict[int, str]:
-    """URIs of a per-visit dataset type, by visit (find-first in the collections)."""
-    existing = existing_collections(butler, collections)
-    if not existing:
-        return {}
-    refs = butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True)
-    return {int(r.dataId["visit"]): dataset_uri(butler, storage, r) for r in refs}
-
-
-def data_key(data_id: dict) -> tuple:
-    return tuple(sorted(data_id.items()))
+    def find(self, kind: str, exposure: int, detector: int, physical_filter: str) -> str:
+        key = (kind, detector, physical_filter if kind == "flat" else "")
+        found = self.certified.get(key, [])
+        if len(found) > 1:
+            when = self.timespan(exposure)
+            found = [a for a in found if a.timespan.overlaps(when)]
+        if len(found) != 1:
+            raise LookupError(f"{len(found) or 'no'} {kind} for detector {detector}"
+                              + (f", filter {physical_filter}" if kind == "flat" else "")
+                              + f" valid at exposure {exposure} in {CALIB_COLLECTION}")
+        return self.uris[found[0].ref.id]
 
 
 def plan_calibrate(butler: Butler, storage: Storage, run: str, visits: list[int],
                    done_collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """calibrateImage quanta for the visits' raws, minus those whose outputs are registered.
-    Returns (quanta, skipped, blocked); nothing blocks a CCD at the head of the pipeline."""
+    Returns (quanta, skipped, blocked); nothing blocks a CCD at the head of the pipeline.
+    A handful of bulk queries for the whole group, whatever its size: what is done, its raws
+    and their files, the refcat shards its visits overlap, the certified calibrations."""
     outputs = ("preliminary_visit_image", "single_visit_star_unstandardized")
-    done = done_quanta(butler, done_collections, outputs)
     if not visits:
         return [], 0, []
-    raws = butler.registry.queryDatasets(
-        "raw", collections=DEFAULTS, instrument=INSTRUMENT,
-        where=f"exposure IN ({', '.join(str(v) for v in visits)})")
-    calib_cache: dict[tuple, str] = {}
-    shard_cache: dict[int, list[str]] = {}
-    quanta, skipped = [], 0
-    for ref in sorted(raws, key=lambda r: (r.dataId["exposure"], r.dataId["detector"])):
+    done = done_quanta(butler, done_collections, outputs, "visit", visits)
+    exposures = within("exposure", visits)
+    raws = sorted((r for r in butler.registry.queryDatasets(
+        "raw", collections=DEFAULTS, instrument=INSTRUMENT, **exposures)
+        if data_key({"visit": r.dataId["exposure"], "detector": r.dataId["detector"]}) not in done),
+        key=lambda r: (r.dataId["exposure"], r.dataId["detector"]))
+    skipped = len(done)
+    if not raws:
+        return [], skipped, []
+    raw_uris = dataset_uris(butler, storage, raws)
+    shards: dict[int, set[int]] = {}
+    for d in butler.registry.queryDataIds(["visit", "htm7"], instrument=INSTRUMENT,
+                                          **within("visit", visits)):
+        shards.setdefault(int(d["visit"]), set()).add(int(d["htm7"]))
+    wanted = set().union(*shards.values())
+    refcat = {int(r.dataId["htm7"]): r for r in butler.registry.queryDatasets(
+        REFCAT, collections=DEFAULTS, **within("htm7", wanted))} if wanted else {}
+    refcat_uris = dict(zip(refcat, dataset_uris(butler, storage, list(refcat.values())),
+                           strict=True))
+    shard_uris = {v: sorted(refcat_uris[s] for s in found if s in refcat_uris)
+                  for v, found in shards.items()}
+    calibs = CalibrationLookup(butler, storage, visits)
+    quanta = []
+    for ref, raw_uri in zip(raws, raw_uris, strict=True):
         visit, detector = int(ref.dataId["exposure"]), int(ref.dataId["detector"])
         data_id = {"visit": visit, "detector": detector}
-        if data_key(data_id) in done:
-            skipped += 1
-            continue
-        exposure = butler.registry.expandDataId(ref.dataId)
-        inputs = {"raw": dataset_uri(butler, storage, ref), "band": exposure["band"]}
-        for calib in ("bias", "dark", "flat"):
-            key = (calib, detector, exposure["physical_filter"] if calib == "flat" else "")
-            if key not in calib_cache:
-                cref = butler.find_dataset(calib, exposure, collections=CALIB_COLLECTION,
-                                           timespan=exposure.timespan)
-                if cref is None:
-                    raise LookupError(f"no {calib} for {dict(exposure.required)} in {CALIB_COLLECTION}")
-                calib_cache[key] = dataset_uri(butler, storage, cref)
-            inputs[calib] = calib_cache[key]
-        if visit not in shard_cache:
-            shards = butler.registry.queryDataIds(["htm7"], instrument=INSTRUMENT, visit=visit)
-            refs = [butler.find_dataset(REFCAT, d, collections=DEFAULTS) for d in shards]
-            shard_cache[visit] = sorted(dataset_uri(butler, storage, r) for r in refs if r is not None)
-        inputs["refcat"] = shard_cache[visit]
+        inputs = {"raw": raw_uri, "band": ref.dataId["band"],
+                  **{kind: calibs.find(kind, visit, detector, ref.dataId["physical_filter"])
+                     for kind in ("bias", "dark", "flat")},
+                  "refcat": shard_uris.get(visit, [])}
         quanta.append(Quantum(CALIBRATE, data_id, inputs,
                               {o: output_uri(storage, run, o, data_id) for o in outputs}))
     return quanta, skipped, []
@@ -142,17 +138,18 @@ def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[in
                      collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """Per-visit consolidation of whatever detectors calibrated; a visit with none is blocked."""
     outputs = ("single_visit_star", "preliminary_visit_summary")
-    done = done_quanta(butler, collections, outputs)
+    if not visits:
+        return [], 0, []
+    done = done_quanta(butler, collections, outputs, "visit", visits)
     existing = existing_collections(butler, collections)
     per_visit: dict[int, dict[str, list[str]]] = {v: {} for v in visits}
     for name in ("preliminary_visit_image", "single_visit_star_unstandardized"):
         if not existing:
             break
-        for ref in butler.registry.queryDatasets(name, collections=existing, findFirst=True,
-                                                 instrument=INSTRUMENT):
-            v = int(ref.dataId["visit"])
-            if v in per_visit:
-                per_visit[v].setdefault(name, []).append(dataset_uri(butler, storage, ref))
+        refs = list(butler.registry.queryDatasets(name, collections=existing, findFirst=True,
+                                                  instrument=INSTRUMENT, **within("visit", visits)))
+        for ref, uri in zip(refs, dataset_uris(butler, storage, refs), strict=True):
+            per_visit[int(ref.dataId["visit"])].setdefault(name, []).append(uri)
     quanta, skipped, blocked = [], 0, []
     for visit in visits:
         data_id = {"visit": visit}
@@ -175,10 +172,10 @@ def skymap_config(butler: Butler) -> dict:
 def tract_inputs(butler: Butler, storage: Storage, dataset_type: str, tract: int,
                  existing: list[str]) -> list[str]:
     """URIs of a per-visit or per-(visit, detector) dataset type overlapping a tract."""
-    refs = [] if not existing else butler.registry.queryDatasets(
+    refs = [] if not existing else list(butler.registry.queryDatasets(
         dataset_type, collections=existing, findFirst=True, instrument=INSTRUMENT,
-        where="skymap = sm AND tract = t", bind={"sm": SKYMAP_NAME, "t": tract})
-    return sorted({dataset_uri(butler, storage, r) for r in refs})
+        where="skymap = sm AND tract = t", bind={"sm": SKYMAP_NAME, "t": tract}))
+    return sorted(set(dataset_uris(butler, storage, refs)))
 
 
 def plan_per_tract(label: str, outputs: tuple[str, ...], needs: tuple[str, ...]):
@@ -186,7 +183,7 @@ def plan_per_tract(label: str, outputs: tuple[str, ...], needs: tuple[str, ...])
     the first of them has nothing on the tract."""
     def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
              collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-        done = done_quanta(butler, collections, outputs)
+        done = done_quanta(butler, collections, outputs, "tract", tracts)
         existing = existing_collections(butler, collections)
         quanta, skipped, blocked = [], 0, []
         for tract in tracts:

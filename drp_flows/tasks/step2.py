@@ -12,11 +12,7 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 
 from drp_flows.datamodel import DEFAULTS, REFCAT
-from drp_flows.engine.quanta import OutputWriter, Quantum
-from drp_flows.sites.storage import Storage
-from drp_flows.tasks.catalogs import read_table, table_bytes
-from drp_flows.tasks.global_calib import calibrated_mag_err, fit_cycle
-from drp_flows.tasks.step1 import (
+from drp_flows.engine.planning import (
     data_key,
     dataset_uri,
     done_quanta,
@@ -24,6 +20,10 @@ from drp_flows.tasks.step1 import (
     output_uri,
     visit_uris,
 )
+from drp_flows.engine.quanta import OutputWriter, Quantum
+from drp_flows.sites.storage import Storage
+from drp_flows.tasks.catalogs import read_table, table_bytes
+from drp_flows.tasks.global_calib import calibrated_mag_err, fit_cycle
 
 FIT_CYCLE = "fgcmFitCycle"
 OUTPUT_PRODUCTS = "fgcmOutputProducts"
@@ -77,8 +77,8 @@ def plan_update_visit_summary(butler: Butler, storage: Storage, run: str, visits
                               collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """Final summary and recalibrated stars per visit; blocked until its calibration arrived."""
     outputs = ("visit_summary", "recalibrated_star")
-    done = done_quanta(butler, collections, outputs)
-    inputs = {name: visit_uris(butler, storage, name, collections)
+    done = done_quanta(butler, collections, outputs, "visit", visits)
+    inputs = {name: visit_uris(butler, storage, name, collections, visits)
               for name in ("preliminary_visit_summary", "single_visit_star", "fgcm_photo_calib")}
     quanta, skipped, blocked = [], 0, []
     for visit in visits:

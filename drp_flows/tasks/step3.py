@@ -12,6 +12,16 @@ from astropy.table import vstack
 from astropy.wcs import WCS
 from lsst.daf.butler import Butler
 
+from drp_flows.engine.planning import (
+    data_key,
+    dataset_uri,
+    dataset_uris,
+    done_quanta,
+    existing_collections,
+    output_uri,
+    visit_uris,
+    within,
+)
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
@@ -21,14 +31,6 @@ from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.objects import measure_objects
 from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, inset_polygon, tangent_wcs
-from drp_flows.tasks.step1 import (
-    data_key,
-    dataset_uri,
-    done_quanta,
-    existing_collections,
-    output_uri,
-    visit_uris,
-)
 
 ASSEMBLE_COADD = "assembleCoadd"
 PROPERTY_MAPS = "healSparsePropertyMaps"
@@ -44,7 +46,7 @@ def _plan_per_cell(label: str, outputs: tuple[str, ...], with_patch: bool):
     patches); a cell is blocked while an overlapping visit has no final visit summary."""
     def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
              collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-        done = done_quanta(butler, collections, outputs)
+        done = done_quanta(butler, collections, outputs, "tract", tracts)
         existing = existing_collections(butler, collections)
         if not existing or not tracts:
             return [], 0, []
@@ -112,11 +114,10 @@ def patch_datasets(butler: Butler, storage: Storage, dataset_type: str, tracts: 
     out: dict[tuple[int, int], list[str]] = {}
     if not existing or not tracts:
         return out
-    for ref in butler.registry.queryDatasets(
-            dataset_type, collections=existing, findFirst=True, skymap=SKYMAP_NAME,
-            where=f"tract IN ({', '.join(map(str, tracts))})"):
-        key = (int(ref.dataId["tract"]), int(ref.dataId["patch"]))
-        out.setdefault(key, []).append(dataset_uri(butler, storage, ref))
+    refs = list(butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True,
+                                              skymap=SKYMAP_NAME, **within("tract", tracts)))
+    for ref, uri in zip(refs, dataset_uris(butler, storage, refs), strict=True):
+        out.setdefault((int(ref.dataId["tract"]), int(ref.dataId["patch"])), []).append(uri)
     return out
 
 
@@ -124,7 +125,7 @@ def _plan_from_patches(label: str, needs: str, output: str, per_tract: bool):
     """A planner of one quantum per patch (or per tract) over a per-patch input."""
     def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
              collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-        done = done_quanta(butler, collections, (output,))
+        done = done_quanta(butler, collections, (output,), "tract", tracts)
         cells: dict[tuple, list[str]] = {}
         for (tract, patch), uris in patch_datasets(butler, storage, needs, tracts,
                                                    existing_collections(butler, collections)).items():

@@ -19,6 +19,16 @@ from astropy.wcs import WCS
 from lsst.daf.butler import Butler
 from scipy.ndimage import binary_erosion
 
+from drp_flows.engine.planning import (
+    data_key,
+    dataset_uri,
+    dataset_uris,
+    done_quanta,
+    existing_collections,
+    output_uri,
+    visit_uris,
+    within,
+)
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
@@ -35,14 +45,6 @@ from drp_flows.tasks.diffim import (
 )
 from drp_flows.tasks.images import Exposure, bit, read_fits
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs
-from drp_flows.tasks.step1 import (
-    data_key,
-    dataset_uri,
-    done_quanta,
-    existing_collections,
-    output_uri,
-    visit_uris,
-)
 from drp_flows.tasks.step3 import box_wcs, summary_rows
 
 SUBTRACT = "subtractImages"
@@ -68,16 +70,16 @@ def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
     """A quantum per calibrated CCD of the group's visits with a template not holding its
     visit; blocked while its final visit summary (with a row for it: a CCD rescued after its
     visit was consolidated has none) or every overlapping template is missing."""
-    done = done_quanta(butler, collections, OUTPUTS)
+    done = done_quanta(butler, collections, OUTPUTS, "visit", visits)
     existing = existing_collections(butler, collections)
     if not existing or not visits:
         return [], 0, []
-    where = f"visit IN ({', '.join(map(str, visits))})"
-    images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): dataset_uri(butler, storage, r)
-              for r in butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
-                                                     where=where, instrument=INSTRUMENT,
-                                                     findFirst=True)}
-    summaries = visit_uris(butler, storage, "visit_summary", existing)
+    group = within("visit", visits)
+    refs = list(butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
+                                              instrument=INSTRUMENT, findFirst=True, **group))
+    images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): uri
+              for r, uri in zip(refs, dataset_uris(butler, storage, refs), strict=True)}
+    summaries = visit_uris(butler, storage, "visit_summary", existing, visits)
     templates = {(int(r.dataId["tract"]), int(r.dataId["patch"]), r.dataId["band"]):
                  dataset_uri(butler, storage, r)
                  for r in butler.registry.queryDatasets("template_coadd", collections=existing,
@@ -85,8 +87,7 @@ def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
     cells: dict[tuple[int, int], set] = {}
     for d in butler.registry.queryDataIds(["tract", "patch", "visit", "detector", "band"],
                                           skymap=SKYMAP_NAME, datasets="preliminary_visit_image",
-                                          collections=existing, where=where,
-                                          instrument=INSTRUMENT):
+                                          collections=existing, instrument=INSTRUMENT, **group):
         cells.setdefault((int(d["visit"]), int(d["detector"])), set()).add(
             (int(d["tract"]), int(d["patch"]), d["band"]))
     quanta, skipped, blocked = [], 0, []

@@ -14,6 +14,15 @@ import numpy as np
 from astropy.table import Table
 from lsst.daf.butler import Butler
 
+from drp_flows.engine.planning import (
+    data_key,
+    dataset_uri,
+    dataset_uris,
+    done_quanta,
+    existing_collections,
+    output_uri,
+    within,
+)
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.association import (
@@ -28,14 +37,7 @@ from drp_flows.tasks.diffim import forced_photometry, measurable
 from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.moving_objects import link, mover_candidates
 from drp_flows.tasks.skymap import MiniSkymap
-from drp_flows.tasks.step1 import (
-    data_key,
-    dataset_uri,
-    done_quanta,
-    existing_collections,
-    output_uri,
-    plan_per_tract,
-)
+from drp_flows.tasks.step1 import plan_per_tract
 
 CONSOLIDATE = "consolidateDiaSourceTable"
 ASSOCIATE = "drpAssociation"
@@ -54,15 +56,16 @@ def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[in
                      collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
     """A quantum per visit of the group with DIA sources of any detector (visits that were not
     differenced, every template holding them, have none and no quantum)."""
-    done = done_quanta(butler, collections, ("dia_source_visit",))
+    done = done_quanta(butler, collections, ("dia_source_visit",), "visit", visits)
     existing = existing_collections(butler, collections)
     if not existing or not visits:
         return [], 0, []
     per_visit: dict[int, list[str]] = {}
-    for ref in butler.registry.queryDatasets("dia_source_detector", collections=existing,
-                                             findFirst=True, instrument=INSTRUMENT,
-                                             where=f"visit IN ({', '.join(map(str, visits))})"):
-        per_visit.setdefault(int(ref.dataId["visit"]), []).append(dataset_uri(butler, storage, ref))
+    refs = list(butler.registry.queryDatasets("dia_source_detector", collections=existing,
+                                              findFirst=True, instrument=INSTRUMENT,
+                                              **within("visit", visits)))
+    for ref, uri in zip(refs, dataset_uris(butler, storage, refs), strict=True):
+        per_visit.setdefault(int(ref.dataId["visit"]), []).append(uri)
     quanta, skipped = [], 0
     for visit, uris in sorted(per_visit.items()):
         data_id = {"visit": visit}

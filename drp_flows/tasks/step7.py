@@ -12,12 +12,12 @@ import numpy as np
 from astropy.table import Table
 from lsst.daf.butler import Butler
 
+from drp_flows.engine.planning import data_key, dataset_uri, done_quanta, existing_collections, output_uri
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import table_bytes
 from drp_flows.tasks.property_maps import MAPS, NSIDE, NSIDE_COVERAGE, map_bytes, read_map
 from drp_flows.tasks.skymap import SKYMAP_NAME
-from drp_flows.tasks.step1 import data_key, dataset_uri, done_quanta, existing_collections, output_uri
 
 CONSOLIDATE_MAPS = "consolidateHealSparsePropertyMaps"
 PLOT_MAPS = "plotPropertyMapSurvey"
