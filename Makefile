@@ -45,6 +45,7 @@ bench: env | $(PREFECT_HOME)
 	$(VENV)/bin/python bench/global_calib.py
 	$(VENV)/bin/python bench/steps.py
 	$(VENV)/bin/python bench/planning.py
+	$(VENV)/bin/python bench/scale.py
 	$(VENV)/bin/python bench/transfer.py
 
 lint: env

@@ -58,15 +58,20 @@ def prefect_quantum(i: int, cost: float) -> int:
     return plain(i, cost)
 
 
-def make_butler(root: Path) -> Butler:
-    Butler.makeRepo(str(root))   # a plain SQLite repo: what the engine pays at every site
+def make_butler(root: Path, dataset_types: tuple[str, ...] = ("bench_output",),
+                detectors: int = 10**4, config: str | None = None) -> Butler:
+    """A plain repo (SQLite unless `config` names a registry), what the engine pays at every
+    site: one instrument with `detectors` detectors, and dataset types on them."""
+    Butler.makeRepo(str(root), config=config)
     butler = Butler.from_config(str(root), writeable=True)
-    butler.registry.insertDimensionData("instrument", {"name": INSTRUMENT, "detector_max": 10**6})
+    butler.registry.insertDimensionData("instrument", {"name": INSTRUMENT, "detector_max": 10**7})
     butler.registry.insertDimensionData(
-        "detector", *[{"instrument": INSTRUMENT, "id": i, "full_name": str(i)} for i in range(10**4)])
-    butler.registry.registerDatasetType(DatasetType("bench_output", ("instrument", "detector"),
-                                                    "StructuredDataDict",
-                                                    universe=butler.dimensions))
+        "detector", *[{"instrument": INSTRUMENT, "id": i, "full_name": str(i)}
+                      for i in range(detectors)])
+    for name in dataset_types:
+        butler.registry.registerDatasetType(DatasetType(name, ("instrument", "detector"),
+                                                        "StructuredDataDict",
+                                                        universe=butler.dimensions))
     return butler
 
 

@@ -1,14 +1,17 @@
-"""Results do not depend on the site that produced them: the test survey run here as one site
-(SQLite, in this process, one group a step) gives the same calibrations and final catalogs as
-the shared three-site campaign (tests/conftest.py: by `prefect deployment run`, registries on
-PostgreSQL, ukdf on S3 through its own moto_server, usdf the embargo site with the survey's
-last visits under embargo, groups of at most 5 visits), the same raw truncated in both."""
+"""Results do not depend on the site that produced them, nor on how the steps were ordered:
+the test survey run here as one site (SQLite, in this process, one group at a time, each step
+waiting for the whole group: `group_window: 1`, `follow_data: false`) gives the same calibrations and final
+catalogs as the shared three-site campaign (tests/conftest.py: by `prefect deployment run`,
+registries on PostgreSQL, ukdf on S3 through its own moto_server, usdf the embargo site with
+the survey's last visits under embargo, groups of at most 5 visits, two at a time, each visit's
+next step started as soon as its data is there), the same raw truncated in both."""
 
 import numpy as np
 import pytest
 from conftest import CAMPAIGN, corrupt_raw, last_visits_embargo, table_differences, write_site_file
 
 from drp_flows.datamodel import campaign_collection
+from drp_flows.engine.register import read_manifests
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
 
@@ -25,7 +28,9 @@ def runs(campaign, survey, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("one-site")
     one = write_site_file(root / "one.yaml", "solo", {     # both cores: two worker processes
-        "solo": {"storage": f"file://{root}/solo", "embargo": "true"}}, last_visits_embargo(survey),
+        "solo": {"storage": f"file://{root}/solo", "embargo": "true", "follow_data": "false",
+                 "group_window": "1"}},
+        last_visits_embargo(survey),
         cluster="{kind: local, jobs: 2, threads_per_worker: 1}")
     setup_flow(one, str(survey))
     corrupt_raw(load_sites(one)["solo"], campaign.corrupt["visit"], campaign.corrupt["detector"])
@@ -81,3 +86,35 @@ def test_same_survey_maps(runs, statistic):
     assert a and set(a) == set(b)
     diffs = [d for key in a for d in map_differences(key, a[key], b[key])]
     assert not diffs, "\n".join(diffs)
+
+
+def early_starts(site_file: str, later: str, earlier: str) -> int:
+    """Quanta of the step `later` that started before the last quantum of `earlier` in the
+    same group had ended (their manifests' worker clocks), at every site. A group's RUNs are
+    <campaign>/<step>/<group>/<attempt>: the two steps may write different ones."""
+    count = 0
+    chain = campaign_collection(CAMPAIGN)
+    for site in load_sites(site_file).sites.values():
+        by_group: dict[str, list[str]] = {}
+        for run in open_butler(site).registry.getCollectionChain(chain):
+            if run.startswith(chain + "/"):
+                by_group.setdefault(run.split("/")[-2], []).append(run)
+        for runs in by_group.values():
+            rows = read_manifests(site.store, runs)
+            steps = np.array([q.split(" ")[0] for q in rows["quantum"]]) if len(rows) else []
+            if len(rows) and (steps == earlier).any():
+                last_end = rows["ended"][steps == earlier].max()
+                count += int((rows["started"][steps == later] < last_end).sum())
+    return count
+
+
+def test_steps_follow_the_data_unless_told_not_to(runs):
+    """The three sites consolidate a visit as soon as its CCDs are calibrated, before the
+    group's last CCD is (so the comparisons above show that following the data changes no
+    result); the one site, told not to, never starts a consolidation before its group's last
+    calibration has ended."""
+    one, three, _ = runs
+    assert early_starts(three, "consolidateVisitSummary", "calibrateImage") > 0
+    assert early_starts(three, "consolidateDiaSourceTable", "subtractImages") > 0
+    assert early_starts(one, "consolidateVisitSummary", "calibrateImage") == 0
+    assert early_starts(one, "consolidateDiaSourceTable", "subtractImages") == 0

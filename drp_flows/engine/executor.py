@@ -1,10 +1,13 @@
-"""The executor: a step's quanta on a site's Dask clusters (its pools), with every wait bounded.
+"""The executor: quanta on a site's Dask clusters (its pools), with every wait bounded.
 
 Quanta go to the scheduler through a window of about two per worker thread, not all at once,
 so that a lost worker takes few quanta with it and a long step never sits whole in the
-scheduler. Each quantum asks for its memory as the Dask resource MEMORY that the workers
-advertise (sites/clusters.py), on the pool of its label's class (short or long), or on the
-other pool when only that one has workers big enough.
+scheduler. Quanta of several steps can wait at once (engine/dataflow.py adds a step's quanta
+while the step before it still runs): the window takes the highest priority first (a later
+step, a long quantum), and in the order given within one priority. Each quantum asks for its
+memory as the Dask resource MEMORY that the workers advertise (sites/clusters.py), on the pool
+of its label's class (short or long), or on the other pool when only that one has workers big
+enough.
 
 What goes wrong in production, and what happens here:
 - a worker dies under a quantum (walltime, preemption, a killed process): our schedulers fail
@@ -21,10 +24,11 @@ What goes wrong in production, and what happens here:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -94,6 +98,8 @@ class _Attempt:
 
     quantum: Quantum
     memory: int
+    fns: tuple[Callable, Callable]     # its step on a worker: first run, run again
+    priority: int = 0
     pool: str = ""
     tries: int = 0
     deaths: int = 0
@@ -149,26 +155,34 @@ class Executor:
                         key=lambda p: -(self.pools[p].worker_memory or 0))
         return next((p for p in order if self.pools[p].fits(memory)), None)
 
+    def session(self, token: str,
+                on_result: Callable[[QuantumResult], None] | None = None) -> QuantumRun:
+        """A run to which quanta can be added while it runs (`QuantumRun.add`); `token` makes
+        its Dask keys unique."""
+        return QuantumRun(self, token, on_result)
+
     def run(self, step: StepFunction, storage: Storage, config: dict, quanta: Iterable[Quantum],
             token: str, memory: int, pool: str = "short",
             on_result: Callable[[QuantumResult], None] | None = None) -> list[QuantumResult]:
-        """Run the quanta (in the order given) and return one result per quantum, in completion
-        order; `on_result` sees each as it arrives. Raises ClusterLost past a watchdog deadline
-        (what had finished was passed to `on_result` first)."""
-        run = _Run(self, (partial(execute_quantum, step, storage, config),
-                          partial(execute_again, step, storage, config)), token, pool, on_result)
-        return run.until_done(_Attempt(q, memory) for q in quanta)
+        """Run the quanta of one step (in the order given) and return one result per quantum,
+        in completion order; `on_result` sees each as it arrives. Raises ClusterLost past a
+        watchdog deadline (what had finished was passed to `on_result` first)."""
+        run = self.session(token, on_result)
+        run.add(step, storage, config, quanta, memory, pool)
+        return run.until_done()
 
 
-class _Run:
-    """One call of Executor.run: the window, the futures in flight and the watchdog."""
+class QuantumRun:
+    """Quanta on a site's pools: the window, the futures in flight and the watchdog."""
 
-    def __init__(self, executor: Executor, fns: tuple[Callable, Callable], token: str,
-                 preferred: str, on_result: Callable[[QuantumResult], None] | None):
-        self.ex, self.fns, self.token, self.preferred = executor, fns, token, preferred
-        self.on_result = on_result
+    def __init__(self, executor: Executor, token: str,
+                 on_result: Callable[[QuantumResult], None] | None):
+        self.ex, self.token, self.on_result = executor, token, on_result
         self.results: list[QuantumResult] = []
-        self.pending: dict[str, deque[_Attempt]] = {name: deque() for name in executor.pools}
+        # per pool, a heap of (rank, order, attempt): a quantum submitted again first, then
+        # by priority, then in the order added
+        self.pending: dict[str, list] = {name: [] for name in executor.pools}
+        self.order = itertools.count()
         self.in_flight: dict[Future, _Attempt] = {}
         self.done: queue.SimpleQueue[Future] = queue.SimpleQueue()  # filled by Dask's threads
         self.deciding: list[tuple[_Attempt, KilledWorker, float]] = []
@@ -176,14 +190,31 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def until_done(self, attempts: Iterable[_Attempt]) -> list[QuantumResult]:
-        for attempt in attempts:
-            self.queue(attempt, self.preferred)
+    def add(self, step: StepFunction, storage: Storage, config: dict, quanta: Iterable[Quantum],
+            memory: int, pool: str = "short", priority: int = 0) -> None:
+        """Quanta of one step to run, each asking for `memory` bytes on the `pool` of its
+        class (or the pool that fits)."""
+        fns = (partial(execute_quantum, step, storage, config),
+               partial(execute_again, step, storage, config))
+        for q in quanta:
+            self.queue(_Attempt(q, memory, fns, priority), pool)
+
+    def busy(self) -> bool:
+        return bool(any(self.pending.values()) or self.in_flight or self.deciding)
+
+    def until_done(self, tick: Callable[[bool], None] | None = None) -> list[QuantumResult]:
+        """Run until no quantum waits, runs or awaits a verdict. `tick(idle)` is called at
+        every turn of the loop (at least every half second while quanta run, `idle` when none
+        is left): it may add quanta, and the run ends only when it added none while idle."""
         now = time.monotonic()
         for w in self.watch.values():
             w.seen_workers = w.progress = now
         try:
-            while any(self.pending.values()) or self.in_flight or self.deciding:
+            while True:
+                if tick:
+                    tick(not self.busy())
+                if not self.busy():
+                    break
                 self.check_pools()
                 self.refill()
                 try:
@@ -218,10 +249,9 @@ class _Run:
         attempt.pool = self.ex.place(attempt.memory, preferred) or ""
         if not attempt.pool:
             self.fail(attempt, "memory", "MemoryError", self.no_room(attempt.memory))
-        elif first:
-            self.pending[attempt.pool].appendleft(attempt)
-        else:
-            self.pending[attempt.pool].append(attempt)
+            return
+        rank = (0, 0) if first else (1, -attempt.priority)
+        heapq.heappush(self.pending[attempt.pool], (rank, next(self.order), attempt))
 
     def refill(self) -> None:
         """Submit waiting quanta, in their order, while their pool's window has room."""
@@ -230,16 +260,17 @@ class _Run:
             flying[a.pool] += 1
         for pool, waiting in self.pending.items():
             room = 2 * max(self.watch[pool].threads, 1) - flying[pool]
-            by_kind: dict[tuple[int, bool], list[_Attempt]] = {}
+            by_kind: dict[tuple, list[_Attempt]] = {}
             while waiting and room > 0:
-                attempt = waiting.popleft()
+                attempt = heapq.heappop(waiting)[-1]
                 attempt.tries += 1
-                by_kind.setdefault((attempt.memory, attempt.tries > 1), []).append(attempt)
+                kind = (attempt.fns[attempt.tries > 1], attempt.memory, attempt.priority)
+                by_kind.setdefault(kind, []).append(attempt)
                 room -= 1
-            for (memory, again), attempts in by_kind.items():
+            for (fn, memory, priority), attempts in by_kind.items():
                 resources = {MEMORY: memory} if self.ex.pools[pool].worker_memory else None
                 futures = self.ex.client(pool).map(
-                    self.fns[again], [a.quantum for a in attempts], pure=False,
+                    fn, [a.quantum for a in attempts], pure=False, priority=priority,
                     resources=resources, retries=self.ex.policy.retries,
                     key=[f"{a.quantum.key}-{self.token}-{a.tries}" for a in attempts])
                 for future, attempt in zip(futures, attempts, strict=True):
@@ -395,7 +426,7 @@ class _Run:
     def describe(self, pool: str, flying: int, waiting: int) -> str:
         """What waits on a pool: how many quanta of which steps, and the first of them."""
         attempts = [a for a in self.in_flight.values() if a.pool == pool]
-        attempts += list(self.pending[pool])[:100]
+        attempts += [entry[-1] for entry in heapq.nsmallest(100, self.pending[pool])]
         steps = sorted({a.quantum.step for a in attempts})
         first = attempts[0].quantum if attempts else ""
         return (f"{flying} quanta of {', '.join(steps)} submitted and {waiting} waiting "

@@ -57,6 +57,8 @@ class QuantumResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     inputs: dict = field(default_factory=dict)
+    started: float = 0.0             # when it started and ended on its worker (Unix seconds)
+    ended: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -107,7 +109,7 @@ def execute_quantum(step: StepFunction, storage: Storage, config: dict,
                     quantum: Quantum) -> QuantumResult:
     """Run one quantum on a worker; science errors become a failed result."""
     reset_peak_memory()
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     writer = OutputWriter(storage, quantum)
     result = QuantumResult(quantum.step, quantum.data_id, "done", inputs=quantum.inputs)
     try:
@@ -127,6 +129,7 @@ def execute_quantum(step: StepFunction, storage: Storage, config: dict,
         if tb:
             result.error += f" [{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}]"
     result.seconds = time.perf_counter() - start
+    result.started, result.ended = started, started + result.seconds
     result.peak_rss_mb = peak_memory_mb()
     return result
 

@@ -75,10 +75,11 @@ def keep_manifests(storage: Storage, run: str,
                    registered: list[tuple[DatasetRef, OutputManifest, QuantumResult]]) -> None:
     """One Parquet table of a batch's manifests, beside the repository."""
     table = Table(rows=[(str(ref.id), m.dataset_type, json.dumps(m.data_id), m.uri, m.bytes,
-                         m.sha256, f"{r.step} {r.data_id}", r.seconds, r.peak_rss_mb, json.dumps(r.inputs))
+                         m.sha256, f"{r.step} {r.data_id}", r.seconds, r.peak_rss_mb, json.dumps(r.inputs),
+                          r.started, r.ended)
                         for ref, m, r in registered],
                   names=("dataset_id", "dataset_type", "data_id", "uri", "bytes", "sha256",
-                         "quantum", "seconds", "peak_rss_mb", "inputs"))
+                         "quantum", "seconds", "peak_rss_mb", "inputs", "started", "ended"))
     uri = f"{manifest_folder(storage, run)}/{uuid.uuid4().hex}.parq"
     with storage.open(uri, "wb") as f:
         f.write(table_bytes(table))

@@ -30,12 +30,12 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from drp_flows.datamodel import campaign_collection
+from drp_flows.engine.dataflow import StepProgress
 from drp_flows.engine.planning import TRACT_GROUP, existing_collections, within
 from drp_flows.engine.register import read_manifests
 from drp_flows.engine.transfer import Ledger, check_embargo, plan_transfer, transfer
 from drp_flows.flows.stages import (
     STAGES,
-    StepProgress,
     artifact_key,
     chain_run,
     progress_markdown,

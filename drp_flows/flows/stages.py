@@ -1,19 +1,18 @@
-"""Stage flows: one run per (site, group), running the stage's steps in order.
+"""Stage flows: one run per (site, group), running the stage's steps as their data allows.
 
-A step is planned against the site Butler, its quanta are clustered into batches, one Prefect
-task per batch drives them on the site's Dask cluster, and each batch's outputs are registered
-as soon as it returns. Each group attempt writes its own RUN collection, chained in front of
-the campaign collection, so a rescue or a re-run only does what is missing.
+Each step is planned against the site Butler for the visits (or tracts) the step before it has
+finished (engine/dataflow.py), its quanta run on the site's Dask clusters, and their outputs
+are registered a batch at a time, one Prefect task per batch. Each group attempt writes its
+own RUN collection per step, chained in front of the campaign collection, so a rescue or a
+re-run only does what is missing.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from dask.utils import parse_bytes
 from lsst.daf.butler import Butler, ButlerUserError, CollectionType
@@ -22,9 +21,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
+from drp_flows.engine.dataflow import (
+    FlowStep,
+    GroupFlow,
+    StepProgress,
+    priority,
+    run_window,
+    single_writer,
+)
 from drp_flows.engine.executor import ClusterLost, Executor, RetryPolicy
 from drp_flows.engine.planning import TRACT_GROUP, make_groups
-from drp_flows.engine.quanta import Quantum, QuantumResult, ordered
+from drp_flows.engine.quanta import QuantumResult
 from drp_flows.engine.register import Registration, register_outputs
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import executor_pool, running_clusters
@@ -48,47 +55,8 @@ STAGES = {
     "final": {"campaign": [step5.LINK, step7.CONSOLIDATE_MAPS, step7.PLOT_MAPS]},
 }
 
-FLUSH_SECONDS = 30.0        # finished quanta wait at most this long to be registered
-
-
-@dataclass
-class StepProgress:
-    """What PanDA's dashboard shows per step and group."""
-
-    site: str
-    step: str
-    group: str
-    stage: str = ""
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-    blocked: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    pool: str = "short"          # the cluster it ran on: short, or long (long_cluster)
-    attempt: int = 1
-    state: str = "waiting"       # waiting, running, done, failed, blocked, rescued
-    failures: list[dict] = field(default_factory=list)
-    error: str = ""              # why the group failed as a whole (a lost cluster)
-
-    @property
-    def percent(self) -> float:
-        finished = self.done + self.skipped
-        return 100.0 * finished / self.total if self.total else 100.0
-
-    def row(self) -> dict:
-        """What a stage flow returns, writes beside the site's repository and `drp status` reads."""
-        return asdict(self) | {"percent": self.percent}
-
-    @classmethod
-    def from_row(cls, row: dict) -> StepProgress:
-        return cls(**{k: v for k, v in row.items() if k != "percent"})
-
-    def finish(self) -> None:
-        """The state once the step has run: failed or blocked quanta say so first; a later
-        attempt that finished what an earlier one left is a rescue."""
-        self.state = ("failed" if self.failed else "blocked" if self.blocked
-                      else "rescued" if self.attempt > 1 and self.done else "done")
+SCOPE_KEYS = {"visit": "visit", "tract": "tract", "campaign": None}  # what a step's quanta
+# of a group are keyed by, for the next step to follow
 
 
 @task(name="register outputs", cache_policy=NO_CACHE)
@@ -98,42 +66,10 @@ def register_task(butler: Butler, storage: Storage, results: list[QuantumResult]
     return register_outputs(butler, storage, results, run)
 
 
-@task(name="run step", cache_policy=NO_CACHE)
-def run_step(executor: Executor, butler: Butler, site: SiteConfig, step: str,
-             quanta: list[Quantum], run: str, config: dict, memory: int, batch_size: int,
-             progress: StepProgress, on_batch: Callable[[], None] = lambda: None) -> None:
-    """Run the quanta of one step on the site's pools, registering their outputs a batch at
-    a time: every `batch_size` results or FLUSH_SECONDS, whichever comes first. `on_batch` is
-    called after each registration (the group's progress file is rewritten). Called, not
-    submitted: it runs in the flow thread, so registration keeps one writer."""
-    label = LABELS[step]
-    batch: list[QuantumResult] = []
-    flushed = [time.monotonic()]
-
-    def flush() -> None:
-        if batch:
-            register_task(butler, site.store, list(batch), run)
-            batch.clear()
-        flushed[0] = time.monotonic()
-        on_batch()
-
-    def on_result(r: QuantumResult) -> None:
-        if r.ok:
-            progress.done += 1
-        else:
-            progress.failed += 1
-            progress.failures.append({"data_id": r.data_id, "reason": r.reason,
-                                      "error_class": r.error_class, "error": r.error,
-                                      "inputs": r.inputs.get("raw", "")})
-        batch.append(r)
-        if len(batch) >= batch_size or time.monotonic() - flushed[0] > FLUSH_SECONDS:
-            flush()
-
-    try:
-        executor.run(label.run, site.store, config, ordered(quanta, label.cluster_by),
-                     uuid.uuid4().hex[:8], memory, label.pool, on_result)
-    finally:
-        flush()      # what finished is registered, also when the pool was lost
+def plan_for(plan, butler: Butler, storage: Storage, run: str, done_in: list[str],
+             ids: list[int]):
+    """A label's planner, for the ids of its group that are ready."""
+    return plan(butler, storage, run, ids, done_in)
 
 
 def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
@@ -269,34 +205,42 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
     policy = RetryPolicy(site_cfg.memory_multiplier,
                          parse_bytes(site_cfg.request_memory_max) if site_cfg.request_memory_max
                          else None, site_cfg.max_worker_deaths)
-    with Executor(site, pools, policy, logger) as executor:
-        for p in progress:
-            spec = LABELS[p.step]
-            run = group_run(campaign, spec.step, group, attempt)
-            butler.registry.registerRun(run)
-            chain_run(butler, campaign, run)
-            quanta, p.skipped, blocked = spec.plan(butler, site_cfg.store, run, ids, done_in)
-            p.blocked, p.total = len(blocked), len(quanta) + p.skipped + len(blocked)
-            p.pool = spec.pool if spec.pool in pools else "short"
-            p.state = "running"
-            write_progress(site_cfg, campaign, stage, group, progress)
-            start = time.perf_counter()
-            try:
-                run_step(executor, butler, site_cfg, p.step, quanta, run, config,
-                         (memory or {}).get(p.step, parse_bytes(spec.memory)), batch_size, p,
-                         lambda: write_progress(site_cfg, campaign, stage, group, progress))
-            except ClusterLost as e:
-                p.state, p.error = "failed", str(e)
-                p.seconds = time.perf_counter() - start
-                write_progress(site_cfg, campaign, stage, group, progress)
-                quarantine(site_cfg, campaign, stage, group, progress)
-                raise
-            p.seconds = time.perf_counter() - start
-            p.finish()
-            write_progress(site_cfg, campaign, stage, group, progress)
+    finished = [0]
+
+    def on_change() -> None:
+        """The group's rows rewritten, and its Prefect artifact once a step has finished."""
+        write_progress(site_cfg, campaign, stage, group, progress)
+        done = sum(p.state not in ("waiting", "running") for p in progress)
+        if done > finished[0]:
+            finished[0] = done
             create_markdown_artifact(progress_markdown(progress),
                                      key=artifact_key(f"progress-{campaign}-{site}-{stage}-{group}"),
                                      description=f"{campaign}: {stage} at {site}, group {group}")
+
+    steps = []
+    for index, p in enumerate(progress):
+        spec = LABELS[p.step]
+        run = group_run(campaign, spec.step, group, attempt)
+        with single_writer(site_cfg.store.root):
+            butler.registry.registerRun(run)
+            chain_run(butler, campaign, run)
+        p.pool = spec.pool if spec.pool in pools else "short"
+        steps.append(FlowStep(
+            p, spec.run, partial(plan_for, spec.plan, butler, site_cfg.store, run, done_in),
+            partial(register_task, butler, site_cfg.store, run=run),
+            (memory or {}).get(p.step, parse_bytes(spec.memory)), spec.pool, spec.cluster_by,
+            priority(index, spec.pool)))
+    with Executor(site, pools, policy, logger) as executor:
+        try:
+            GroupFlow(executor, site_cfg.store, config, steps, SCOPE_KEYS[scope], ids,
+                      uuid.uuid4().hex[:8], batch_size, site_cfg.follow_data, on_change).run()
+        except ClusterLost as e:
+            for p in progress:
+                if p.state == "running":
+                    p.state, p.error = "failed", str(e)
+            write_progress(site_cfg, campaign, stage, group, progress)
+            quarantine(site_cfg, campaign, stage, group, progress)
+            raise
     report = quarantine(site_cfg, campaign, stage, group, progress)
     failed = sum(p.failed for p in progress)
     if failed:
@@ -309,12 +253,19 @@ def run_stage_groups(site_file: str, site: str, campaign: str, stage: str, addre
                      long_address: str | None, where: str, group_size: int,
                      tracts_per_group: int, batch_size: int, attempt: int,
                      memory: dict[str, int] | None = None) -> list[dict]:
-    """One stage flow run per group of the stage at one site, in order."""
+    """One stage flow run per group of the stage at one site: a scope's groups (in order)
+    at most the site's `group_window` at once, a scope after the one before it (the tract
+    groups of stage 1 need all its visit groups)."""
+    window = load_sites(site_file)[site].group_window
+    groups = stage_groups(site_file, site, stage, where, group_size, tracts_per_group)
     rows = []
-    for scope, name, ids in stage_groups(site_file, site, stage, where, group_size,
-                                         tracts_per_group):
-        rows += stage_flow(site_file, site, campaign, stage, scope, name, ids, address,
-                           long_address, attempt=attempt, batch_size=batch_size, memory=memory)
+    for scope in STAGES[stage]:
+        for group_rows in run_window([
+                partial(stage_flow, site_file, site, campaign, stage, scope, name, ids,
+                        address, long_address, attempt=attempt, batch_size=batch_size,
+                        memory=memory)
+                for s, name, ids in groups if s == scope], window):
+            rows += group_rows
     return rows
 
 

@@ -112,6 +112,12 @@ class SiteConfig(BaseModel):
     max_worker_deaths: int = Field(
         3, ge=1, description="a quantum running when this many workers died is quarantined "
                              "with reason 'killed worker'")
+    group_window: int = Field(
+        2, ge=1, description="groups of a stage that run at once at this site (one group's "
+                             "quanta fill the cores another's long quanta leave idle)")
+    follow_data: bool = Field(
+        True, description="a step starts on a visit (or tract) as soon as the step before it "
+                          "has finished it; false: each step waits for the whole group")
     deployment: str | None = Field(
         None, pattern=r"^[^/]+/[^/]+$",
         description="Prefect deployment (flow/name) that runs this site's stages on the worker "
