@@ -20,7 +20,7 @@ Then the orchestration throughput: `--zero` zero-length quanta through the same 
 batches of 1,000, with the flow process's peak resident memory above what it held before, and
 registration's own rate (datasets/s). `--postgres URL` runs that on a PostgreSQL registry too.
 JSON in build/bench/scale.json.
-Run: python bench/scale.py [--cores 64 --groups 4 --visits 32 --unit 0.4 --zero 20000].
+Run: python bench/scale.py [--cores 64 --groups 4 --visits 32 --unit 0.6 --zero 20000].
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def main():
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--visits", type=int, default=32, help="per group")
     parser.add_argument("--long-every", type=int, default=2)
-    parser.add_argument("--unit", type=float, default=0.4, help="seconds per unit of work")
+    parser.add_argument("--unit", type=float, default=0.6,
+                        help="seconds per unit of work (0: the throughput runs alone)")
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--zero", type=int, default=20_000, help="zero-length quanta")
     parser.add_argument("--postgres", help="a PostgreSQL URL for the throughput run too")
@@ -171,8 +172,9 @@ def main():
         storage = Storage(f"file://{tmp}")
         pool = Pool("short", cluster.scheduler_address)
         butler = make_butler(Path(tmp) / "repo", TYPES, detectors)
-        for name, follow, window in (("step by step", False, 1), ("data flow", True, 1),
-                                     (f"data flow, window {args.window}", True, args.window)):
+        modes = (("step by step", False, 1), ("data flow", True, 1),
+                 (f"data flow, window {args.window}", True, args.window))
+        for name, follow, window in modes if args.unit else ():
             results, _ = run_stage(pool, butler, storage, groups, args.unit, args.long_every,
                                    follow, window)
             out[name] = row = figures(results, args.cores, args.long_every)
@@ -181,13 +183,14 @@ def main():
                   f"{row['work / cores s']:.1f}, critical path {row['critical path s']:.1f}), "
                   f"makespan/bound {row['makespan / bound']:.2f}, utilisation "
                   f"{100 * row['utilisation']:.1f}%", flush=True)
-        registries = {"SQLite": butler}
+        registries = {"SQLite": (butler, storage)}
         if args.postgres:
             config = Config({"registry": {"db": args.postgres,
                                           "namespace": f"bench_scale_{uuid.uuid4().hex[:8]}"}})
-            registries["PostgreSQL"] = make_butler(Path(tmp) / "pg", TYPES, detectors, config)
-        for name, repo in registries.items():
-            out[f"throughput {name}"] = row = throughput(pool, repo, storage, args.zero)
+            registries["PostgreSQL"] = (make_butler(Path(tmp) / "pg" / "repo", TYPES, detectors,
+                                                    config), Storage(f"file://{tmp}/pg"))
+        for name, (repo, root) in registries.items():
+            out[f"throughput {name}"] = row = throughput(pool, repo, root, args.zero)
             print(f"{'throughput ' + name:>24}: {row['quanta']} zero-length quanta in "
                   f"{row['seconds']:.1f} s = {row['quanta/s']:.0f} quanta/s, registration "
                   f"{row['registration datasets/s']:.0f} datasets/s, flow process peak RSS "
