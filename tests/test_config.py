@@ -19,6 +19,19 @@ def test_local_sites_load(tmp_path):
     assert owned == {"usdf": [0, 1], "frdf": [2, 3], "ukdf": [4, 5]}
 
 
+def test_a_site_file_is_parsed_once_while_its_text_stays(tmp_path):
+    """Every flow and task loads the site file by path: one parse per process, and a changed
+    file or variable is read afresh."""
+    path = tmp_path / "sites.yaml"
+    path.write_text(LOCAL_SITES.read_text())
+    first = load_sites(path, DRP_DATA=str(tmp_path))
+    assert load_sites(path, DRP_DATA=str(tmp_path)) is first
+    elsewhere = load_sites(path, DRP_DATA=str(tmp_path / "b"))
+    assert elsewhere["frdf"].store.root == f"file://{tmp_path}/b/frdf"
+    path.write_text(LOCAL_SITES.read_text().replace("campaign_site: usdf", "campaign_site: frdf"))
+    assert load_sites(path, DRP_DATA=str(tmp_path)).campaign_site == "frdf"
+
+
 def test_production_example_validates():
     sites = load_sites(PRODUCTION)
     usdf = sites["usdf"]

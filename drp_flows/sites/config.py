@@ -224,8 +224,14 @@ def _expand(text: str, variables: dict[str, str]) -> str:
     return _VAR.sub(sub, text)
 
 
+_parsed: dict[tuple[str, str], CampaignSites] = {}
+
+
 def load_sites(path: str | Path, **variables: str) -> CampaignSites:
-    """Load and validate a site file; any problem raises ConfigError naming the file and key."""
+    """Load and validate a site file; any problem raises ConfigError naming the file and key.
+    A file is parsed once per process while its text (after ${VAR} expansion) stays the same:
+    flows and tasks take the file's path (a Prefect parameter) and all share one object, which
+    nobody changes."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -235,6 +241,13 @@ def load_sites(path: str | Path, **variables: str) -> CampaignSites:
         text = _expand(text, variables)
     except KeyError as e:
         raise ConfigError(f"{path}: variable ${{{e.args[0]}}} is not set") from e
+    key = (str(path), text)
+    if key not in _parsed:
+        _parsed[key] = _parse(path, text)
+    return _parsed[key]
+
+
+def _parse(path: Path, text: str) -> CampaignSites:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
