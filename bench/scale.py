@@ -115,7 +115,7 @@ def run_stage(pool: Pool, butler: Butler, storage: Storage, groups: list[list[in
     return results, registrations
 
 
-def figures(results: list[QuantumResult], cores: int, long_every: int) -> dict:
+def figures(results: list[QuantumResult], cores: int) -> dict:
     """Makespan, its lower bound and utilisation, from the quanta's worker clocks."""
     start = min(r.started for r in results)
     end = max(r.ended for r in results)
@@ -177,7 +177,7 @@ def main():
         for name, follow, window in modes if args.unit else ():
             results, _ = run_stage(pool, butler, storage, groups, args.unit, args.long_every,
                                    follow, window)
-            out[name] = row = figures(results, args.cores, args.long_every)
+            out[name] = row = figures(results, args.cores)
             print(f"{name:>24}: {row['quanta']} quanta, makespan {row['makespan s']:7.1f} s, "
                   f"lower bound {row['lower bound s']:6.1f} s (work/cores "
                   f"{row['work / cores s']:.1f}, critical path {row['critical path s']:.1f}), "

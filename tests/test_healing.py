@@ -58,6 +58,14 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
         raise AssertionError(f"still running after {timeout:.0f} s:\n{log.read_text()[-3000:]}") from None
 
 
+def busy(process: psutil.Process, seconds: float = 0.1) -> bool:
+    """The process was on a CPU for nearly all of the last `seconds`: a quantum runs there
+    and goes on for a while yet (a step-1 quantum takes about a second here)."""
+    before = sum(process.cpu_times()[:2])
+    time.sleep(seconds)
+    return sum(process.cpu_times()[:2]) - before > 0.8 * seconds
+
+
 def stage1(butler, collection: str, visits: set[int]) -> dict:
     """The stage-1 datasets of the given visits (and of tract 0), by type and data ID."""
     out = {}
@@ -96,6 +104,8 @@ def test_worker_sigkilled_mid_stage_heals(solo_site, campaign, tmp_path):
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 1, workers
+        # between two steps the worker may wait for a registration: kill it while it computes
+        wait_until(lambda: busy(workers[0]), proc, log, "quantum running on the worker")
         workers[0].send_signal(signal.SIGKILL)
         assert finish(proc, log) == 0, log.read_text()[-3000:]
     finally:

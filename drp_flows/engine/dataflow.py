@@ -165,6 +165,7 @@ class GroupFlow:
         ClusterLost as the executor does, after registering what had finished."""
         try:
             self.plan(0, self.keys)
+            self.on_change()
             self.session.until_done(self.tick)
         finally:
             self.register()
@@ -195,7 +196,6 @@ class GroupFlow:
             step.remaining[k] = step.remaining.get(k, 0) + 1
         self.session.add(step.run, self.storage, self.config, ordered(quanta, step.cluster_by),
                          step.memory, step.pool, step.priority)
-        self.on_change()
         self.passes(index, {k for k in keys if not step.remaining.get(k)})
 
     def passes(self, index: int, keys: set) -> None:
