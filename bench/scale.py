@@ -40,6 +40,7 @@ from lsst.daf.butler import Butler, Config
 from overhead import make_butler
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from drp_flows.engine.dataflow import FlowStep, GroupFlow, StepProgress, priority, run_window
 from drp_flows.engine.executor import Executor, Pool
@@ -94,6 +95,9 @@ def run_stage(pool: Pool, butler: Butler, storage: Storage, groups: list[list[in
         registrations.append(register_outputs(butler, storage, batch, run))
         results.extend(batch)
 
+    def register(batch: list[QuantumResult], run: str) -> None:
+        register_task(quote(batch), run)      # as flows/stages.py: Prefect does not walk it
+
     def group(index: int, visits: list[int]) -> None:
         flow_steps = []
         for i, step in enumerate(steps):
@@ -101,7 +105,7 @@ def run_stage(pool: Pool, butler: Butler, storage: Storage, groups: list[list[in
             pool_name = "long" if step == "long" else "short"
             flow_steps.append(FlowStep(
                 StepProgress("bench", step, str(index)), sleep_quantum,
-                planner(step, storage, run, long_every), partial(register_task, run=run),
+                planner(step, storage, run, long_every), partial(register, run=run),
                 10**8, pool_name, ("visit",), priority(i, pool_name)))
         with Executor("bench", {"short": pool}) as executor:
             GroupFlow(executor, storage, {"unit": unit}, flow_steps, "visit", visits,

@@ -24,7 +24,8 @@ MB = 2**20
 
 def greedy(quantum, storage, out, config):
     """Takes `config["mb"][detector]` MB, 50 MB at a time (so the nanny sees it grow), holds it
-    a moment, and writes its output; `config["kill"]` detectors kill their worker instead."""
+    a moment (`config["hold"]`, 0.3 s), and writes its output; `config["kill"]` detectors
+    kill their worker instead."""
     detector = quantum.data_id["detector"]
     if detector in config.get("kill", ()):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -34,7 +35,7 @@ def greedy(quantum, storage, out, config):
     for _ in range(config.get("mb", {}).get(detector, 0) // 50):
         held.append(np.ones(50 * MB // 8))
         time.sleep(0.1)
-    time.sleep(0.3)
+    time.sleep(config.get("hold", 0.3))
     out.write("thing", f"{detector} {len(held)}".encode())
 
 
@@ -70,19 +71,29 @@ def test_quantum_killed_by_memory_is_retried_with_more(tmp_path):
     assert all(got[d].ok for d in (2, 3, 4)), [got[d].error for d in (2, 3, 4)]
 
 
-def test_quantum_that_kills_its_workers_is_quarantined(tmp_path):
-    """A quantum that kills its worker process each time is quarantined as "killed worker"
-    after three deaths; the nanny restarts the worker and every other quantum is done."""
+def test_quantum_that_kills_its_workers_is_quarantined(tmp_path, caplog):
+    """600 tiny quanta go to Dask in clusters, a few dozen tasks. Then again with one of them
+    killing its worker process each time: its cluster is submitted again quantum by quantum,
+    the killer is quarantined as "killed worker" after three deaths (the nanny restarts the
+    worker), and every other quantum is done."""
     cfg = ClusterConfig(kind="local", jobs=1)
     storage = Storage(f"file://{tmp_path}")
-    with running_cluster(cfg) as address, \
+    with running_cluster(cfg) as address, caplog.at_level(logging.WARNING), \
             Executor("killtest", {"short": executor_pool("short", address, cfg)}) as executor:
-        results = executor.run(greedy, storage, {"kill": [2]}, quanta(storage, 6), "kill",
-                               memory=10**8)
-    got = by_detector(results)
-    assert not got[2].ok and got[2].reason == "killed worker", got[2].error
-    assert "3 workers died while running it" in got[2].error
-    assert all(got[d].ok for d in (0, 1, 3, 4, 5)), [got[d].error for d in (0, 1, 3, 4, 5)]
+        quiet = executor.session("quiet")
+        quiet.add(greedy, storage, {"hold": 0}, quanta(storage, 600), memory=10**8)
+        assert all(r.ok for r in by_detector(quiet.until_done()).values())
+        assert quiet.tasks < 60, quiet.tasks          # not a Dask task per quantum
+        run = executor.session("kill")
+        run.add(greedy, storage, {"kill": [500], "hold": 0}, quanta(storage, 600), memory=10**8)
+        got = by_detector(run.until_done())
+    assert len(got) == 600
+    assert not got[500].ok and got[500].reason == "killed worker", got[500].error
+    assert "3 workers died while running it" in got[500].error
+    assert all(r.ok for d, r in got.items() if d != 500), [r.error for r in got.values()
+                                                           if not r.ok][:3]
+    assert any("died running a cluster of" in r.message and "submitted again alone" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
 
 
 def test_worker_whose_job_ends_is_replaced(tmp_path):

@@ -1,8 +1,11 @@
 """The executor: quanta on a site's Dask clusters (its pools), with every wait bounded.
 
-Quanta go to the scheduler through a window of about two per worker thread, not all at once,
-so that a lost worker takes few quanta with it and a long step never sits whole in the
-scheduler. Quanta of several steps can wait at once (engine/dataflow.py adds a step's quanta
+Quanta go to the scheduler through a window of about two Dask tasks per worker thread, not
+all at once, so that a lost worker takes little work with it and a long step never sits whole
+in the scheduler. A task is one quantum, or a cluster of a step's quanta that are tiny (a
+cluster holds about CLUSTER_SECONDS of their measured mean duration, at most MAX_CLUSTER):
+Dask spends a few milliseconds on every task, which tiny quanta would otherwise pay each.
+Quanta of several steps can wait at once (engine/dataflow.py adds a step's quanta
 while the step before it still runs): the window takes the highest priority first (a later
 step, a long quantum), and in the order given within one priority. Each quantum asks for its
 memory as the Dask resource MEMORY that the workers advertise (sites/clusters.py), on the pool
@@ -10,6 +13,8 @@ of its label's class (short or long), or on the other pool when only that one ha
 enough.
 
 What goes wrong in production, and what happens here:
+- a cluster fails in any way (its worker died, an error after its retries): its quanta are
+  submitted again one by one, so whatever happens next is blamed on one quantum;
 - a worker dies under a quantum (walltime, preemption, a killed process): our schedulers fail
   its quanta at once (allowed-failures 0) and the quantum is submitted again; one that was
   running each time `max_worker_deaths` workers died is quarantined as "killed worker";
@@ -47,6 +52,13 @@ VERDICT_SECONDS = 3.0         # how long a killed worker's quanta wait for its n
 POLL_SECONDS = 1.0            # how often the watchdog asks a pool for its workers
 WARN_AGAIN_SECONDS = 300.0    # a watchdog warning is repeated at most this often
 RESULT_TIMEOUT = 120.0        # a finished quantum's result that cannot be fetched is lost
+CLUSTER_SECONDS = 0.5         # the work a cluster of tiny quanta holds, by their mean duration
+MAX_CLUSTER = 64              # ... and at most this many quanta
+
+
+def run_cluster(fn: Callable[[Quantum], QuantumResult], quanta: list[Quantum]) -> list[QuantumResult]:
+    """A Dask task: the quanta one after the other on one worker thread."""
+    return [fn(q) for q in quanta]
 
 
 def execute_again(step: StepFunction, storage: Storage, config: dict,
@@ -183,10 +195,12 @@ class QuantumRun:
         # by priority, then in the order added
         self.pending: dict[str, list] = {name: [] for name in executor.pools}
         self.order = itertools.count()
-        self.in_flight: dict[Future, _Attempt] = {}
+        self.in_flight: dict[Future, list[_Attempt]] = {}     # a task: one quantum or a cluster
         self.done: queue.SimpleQueue[Future] = queue.SimpleQueue()  # filled by Dask's threads
         self.deciding: list[tuple[_Attempt, KilledWorker, float]] = []
         self.watch = {name: _Watch(p) for name, p in executor.pools.items()}
+        self.durations: dict[str, list[float]] = {}   # step -> [seconds, quanta] of those done
+        self.tasks = 0                                   # Dask tasks submitted
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -223,8 +237,9 @@ class QuantumRun:
                     finished = []
                 while not self.done.empty():
                     finished.append(self.done.get())
+                fetched = self.fetch(finished)
                 for future in finished:
-                    self.collect(future, self.in_flight.pop(future))
+                    self.collect(future, self.in_flight.pop(future), fetched.get(future))
                 self.decide()
         finally:
             for future in self.in_flight:
@@ -232,6 +247,10 @@ class QuantumRun:
         return self.results
 
     def finish(self, result: QuantumResult) -> None:
+        if result.ok:
+            total = self.durations.setdefault(result.step, [0.0, 0])
+            total[0] += result.seconds
+            total[1] += 1
         self.results.append(result)
         if self.on_result:
             self.on_result(result)
@@ -253,29 +272,56 @@ class QuantumRun:
         rank = (0, 0) if first else (1, -attempt.priority)
         heapq.heappush(self.pending[attempt.pool], (rank, next(self.order), attempt))
 
+    def cluster_size(self, step: str, share: int) -> int:
+        """How many quanta of `step` one task takes: one until some have finished, then about
+        CLUSTER_SECONDS of their mean duration, never more than the pool's waiting quanta
+        per place in its window (`share`), so that every worker still gets some."""
+        seconds, done = self.durations.get(step, (0.0, 0))
+        if not done:
+            return 1
+        size = MAX_CLUSTER if seconds == 0 else int(CLUSTER_SECONDS * done / seconds)
+        return max(1, min(size, MAX_CLUSTER, share))
+
     def refill(self) -> None:
-        """Submit waiting quanta, in their order, while their pool's window has room."""
+        """Submit waiting quanta, in their order, while their pool's window has room; a quantum
+        submitted again goes alone."""
         flying = dict.fromkeys(self.pending, 0)
-        for a in self.in_flight.values():
-            flying[a.pool] += 1
+        for cluster in self.in_flight.values():
+            flying[cluster[0].pool] += 1
         for pool, waiting in self.pending.items():
-            room = 2 * max(self.watch[pool].threads, 1) - flying[pool]
-            by_kind: dict[tuple, list[_Attempt]] = {}
-            while waiting and room > 0:
-                attempt = heapq.heappop(waiting)[-1]
+            window = 2 * max(self.watch[pool].threads, 1)
+            room, share = window - flying[pool], len(waiting) // window
+            by_kind: dict[tuple, list[list[_Attempt]]] = {}
+            sizes: dict[str, int] = {}
+            while waiting:
+                attempt = waiting[0][-1]
+                again = attempt.tries > 0
+                step = attempt.quantum.step
+                if step not in sizes:
+                    sizes[step] = self.cluster_size(step, share)
+                clusters = by_kind.setdefault(
+                    (attempt.fns[again], attempt.memory, attempt.priority), [])
+                if clusters and len(clusters[-1]) < (1 if again else sizes[step]):
+                    clusters[-1].append(attempt)
+                elif room > 0:
+                    clusters.append([attempt])
+                    room -= 1
+                else:
+                    break
+                heapq.heappop(waiting)
                 attempt.tries += 1
-                kind = (attempt.fns[attempt.tries > 1], attempt.memory, attempt.priority)
-                by_kind.setdefault(kind, []).append(attempt)
-                room -= 1
-            for (fn, memory, priority), attempts in by_kind.items():
+            for (fn, memory, priority), clusters in by_kind.items():
                 resources = {MEMORY: memory} if self.ex.pools[pool].worker_memory else None
                 futures = self.ex.client(pool).map(
-                    fn, [a.quantum for a in attempts], pure=False, priority=priority,
-                    resources=resources, retries=self.ex.policy.retries,
-                    key=[f"{a.quantum.key}-{self.token}-{a.tries}" for a in attempts])
-                for future, attempt in zip(futures, attempts, strict=True):
-                    self.in_flight[future] = attempt
+                    partial(run_cluster, fn), [[a.quantum for a in c] for c in clusters],
+                    pure=False, priority=priority, resources=resources,
+                    retries=self.ex.policy.retries,
+                    key=[f"{c[0].quantum.key}-{self.token}-{c[0].tries}-{len(c)}"
+                         for c in clusters])
+                for future, cluster in zip(futures, clusters, strict=True):
+                    self.in_flight[future] = cluster
                     future.add_done_callback(self.done.put)
+                self.tasks += len(clusters)
 
     def no_room(self, memory: int) -> str:
         sizes = ", ".join(f"{name} {format_bytes(p.worker_memory) if p.worker_memory else '?'}"
@@ -285,20 +331,46 @@ class QuantumRun:
 
     # -- results ----------------------------------------------------------------------------
 
-    def collect(self, future: Future, attempt: _Attempt) -> None:
-        self.watch[attempt.pool].progress = time.monotonic()
+    def fetch(self, futures: list[Future]) -> dict[Future, list[QuantumResult]]:
+        """The results of the finished tasks, one round trip per pool (Client.gather, with
+        the bound its public form lacks); none when that fails, and collect fetches each."""
+        by_pool: dict[str, list[Future]] = {}
+        for future in futures:
+            if future.status == "finished":
+                by_pool.setdefault(self.in_flight[future][0].pool, []).append(future)
+        fetched = {}
+        for pool, batch in by_pool.items():
+            client = self.ex.client(pool)
+            try:
+                values = client.sync(client._gather, batch, errors="raise", direct=None,
+                                     local_worker=None, callback_timeout=RESULT_TIMEOUT)
+            except Exception:      # noqa: BLE001 - a worker left with some of them
+                continue
+            fetched.update(zip(batch, values, strict=True))
+        return fetched
+
+    def collect(self, future: Future, cluster: list[_Attempt],
+                results: list[QuantumResult] | None = None) -> None:
+        self.watch[cluster[0].pool].progress = time.monotonic()
         if future.status == "finished":
             try:
-                result = future.result(timeout=RESULT_TIMEOUT)
-            except Exception:           # its worker left with the result: run it again
-                self.queue(attempt, attempt.pool, first=True)
+                if results is None:
+                    results = future.result(timeout=RESULT_TIMEOUT)
+            except Exception:           # its worker left with the results: run them again
+                for attempt in cluster:
+                    self.queue(attempt, attempt.pool, first=True)
                 return
             finally:
                 future.release()
-            self.finish(result)
+            for result in results:
+                self.finish(result)
             return
         exc = future.exception(timeout=RESULT_TIMEOUT) if future.status == "error" else None
         future.release()
+        if len(cluster) > 1:
+            self.split(cluster, exc)
+            return
+        attempt = cluster[0]
         if isinstance(exc, KilledWorker):
             self.deciding.append((attempt, exc, time.monotonic()))
         elif exc is None:               # cancelled under us (the scheduler restarted)
@@ -306,6 +378,17 @@ class QuantumRun:
         else:
             retries = self.ex.policy.retries
             self.fail(attempt, "transient", type(exc).__name__, f"{exc} (after {retries} retries)")
+
+    def split(self, cluster: list[_Attempt], exc: BaseException | None) -> None:
+        """A cluster that failed (or was cancelled under us): its quanta again, one by one."""
+        if exc is not None:
+            where = (f"worker {exc.last_worker.address} died running"
+                     if isinstance(exc, KilledWorker) else f"{type(exc).__name__} in")
+            self.ex.log.warning("site %s: %s a cluster of %d quanta (the first %s); each "
+                                "submitted again alone", self.ex.site, where, len(cluster),
+                                cluster[0].quantum)
+        for attempt in cluster:
+            self.queue(attempt, attempt.pool, first=True)
 
     def decide(self) -> None:
         """Quanta whose worker died: by memory (the nanny said so), or by anything else once
@@ -387,7 +470,7 @@ class QuantumRun:
         """Warn, then fail, for a pool with quanta to run and no worker or no progress."""
         now = time.monotonic()
         for name, w in self.watch.items():
-            flying = sum(a.pool == name for a in self.in_flight.values())
+            flying = sum(len(c) for c in self.in_flight.values() if c[0].pool == name)
             waiting = len(self.pending[name])
             if not (flying or waiting) or now - w.polled < POLL_SECONDS:
                 if not (flying or waiting):
@@ -425,7 +508,7 @@ class QuantumRun:
 
     def describe(self, pool: str, flying: int, waiting: int) -> str:
         """What waits on a pool: how many quanta of which steps, and the first of them."""
-        attempts = [a for a in self.in_flight.values() if a.pool == pool]
+        attempts = [a for c in self.in_flight.values() for a in c if a.pool == pool]
         attempts += [entry[-1] for entry in heapq.nsmallest(100, self.pending[pool])]
         steps = sorted({a.quantum.step for a in attempts})
         first = attempts[0].quantum if attempts else ""

@@ -19,6 +19,7 @@ from lsst.daf.butler import Butler, ButlerUserError, CollectionType
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from drp_flows.datamodel import DEFAULTS, campaign_collection, group_run
 from drp_flows.engine.dataflow import (
@@ -64,6 +65,13 @@ def register_task(butler: Butler, storage: Storage, results: list[QuantumResult]
                   run: str) -> Registration:
     """Bulk registration of a batch of results; runs in the flow thread, the single writer."""
     return register_outputs(butler, storage, results, run)
+
+
+def register_batch(butler: Butler, storage: Storage, run: str,
+                   results: list[QuantumResult]) -> Registration:
+    """The registration task of a batch, its results quoted: Prefect would otherwise walk
+    every field of every result looking for futures, which costs more than the ingest."""
+    return register_task(butler, storage, quote(results), run)
 
 
 def plan_for(plan, butler: Butler, storage: Storage, run: str, done_in: list[str],
@@ -227,7 +235,7 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
         p.pool = spec.pool if spec.pool in pools else "short"
         steps.append(FlowStep(
             p, spec.run, partial(plan_for, spec.plan, butler, site_cfg.store, run, done_in),
-            partial(register_task, butler, site_cfg.store, run=run),
+            partial(register_batch, butler, site_cfg.store, run),
             (memory or {}).get(p.step, parse_bytes(spec.memory)), spec.pool, spec.cluster_by,
             priority(index, spec.pool)))
     with Executor(site, pools, policy, logger) as executor:
