@@ -9,7 +9,9 @@ asked for the keys that are ready, so they read what is registered as before (a 
 re-run plans exactly what step-by-step execution would). With `follow_data` off a step waits
 for all keys (a barrier per step, the old execution, kept to measure one against the other).
 Registration stays a single writer per repository, flushed every `batch_size` results, every
-FLUSH_SECONDS, or after READY_SECONDS when a key waits on it for its next step.
+FLUSH_SECONDS, or after READY_SECONDS when a key waits on it for its next step. It runs in
+the group's writer thread while the group's quanta go on running (one batch at a time; the
+keys it holds pass on when it has finished), so the cores never wait for the registry.
 
 Groups of a stage run concurrently within a window (`run_window`, site key `group_window`), so
 that one group's short quanta fill the cores another group's long quanta leave idle, and the
@@ -159,6 +161,8 @@ class GroupFlow:
         self.session = executor.session(token, self.on_result)
         self.unregistered = 0
         self.flushed = time.monotonic()
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="register")
+        self.writing: tuple[Future, list[tuple[int, set]]] | None = None  # a batch, its keys
 
     def run(self) -> None:
         """Plan the first step, then run until every key has passed every step. Raises
@@ -168,8 +172,13 @@ class GroupFlow:
             self.on_change()
             self.session.until_done(self.tick)
         finally:
-            self.register()
-            self.on_change()
+            try:
+                if self.writing:
+                    self.writing[0].result()
+                self.write(self.batch())
+            finally:
+                self.writer.shutdown()
+                self.on_change()
         stuck = [s.progress.step for s in self.steps if s.passed != self.keys]
         if stuck:
             raise RuntimeError(f"steps {stuck} of group {self.ids[:3]}... never finished")
@@ -232,24 +241,44 @@ class GroupFlow:
 
     def tick(self, idle: bool) -> None:
         """Register (and plan what that makes ready) when a batch is full, when it is old,
-        when a key waits on it, or when nothing else is left to run."""
-        if not self.unregistered:
+        when a key waits on it, or when nothing else is left to run; when nothing else is
+        left, wait for the registration, so that the keys it holds pass on."""
+        if self.writing and (idle or self.writing[0].done()):
+            self.registered()
+            idle = idle and not self.session.busy()
+        if not self.unregistered or self.writing:
             return
         waited = time.monotonic() - self.flushed
         ready = any(s.finished for s in self.steps)
         if (idle or self.unregistered >= self.batch_size or waited > FLUSH_SECONDS
                 or (ready and waited > READY_SECONDS)):
-            self.register()
-            for i, step in enumerate(self.steps):
-                keys, step.finished = step.finished, set()
-                self.passes(i, keys)
-            self.on_change()
-
-    def register(self) -> None:
-        with single_writer(self.storage.root):
+            keys = [(i, step.finished) for i, step in enumerate(self.steps) if step.finished]
             for step in self.steps:
-                if step.results:
-                    step.register(step.results)
-                    step.results = []
+                step.finished = set()
+            context = contextvars.copy_context()     # the registration task's flow run
+            self.writing = (self.writer.submit(context.run, self.write, self.batch()), keys)
+            if idle:
+                self.registered()
+
+    def registered(self) -> None:
+        """The batch in the writer is registered (its error raised here): its keys pass."""
+        future, keys = self.writing
+        self.writing = None
+        future.result()
+        for i, passing in keys:
+            self.passes(i, passing)
+        self.on_change()
+
+    def batch(self) -> list[tuple[FlowStep, list[QuantumResult]]]:
+        """The results not yet registered, by step; taken out of the steps."""
+        batch = [(step, step.results) for step in self.steps if step.results]
+        for step, _ in batch:
+            step.results = []
         self.unregistered = 0
         self.flushed = time.monotonic()
+        return batch
+
+    def write(self, batch: list[tuple[FlowStep, list[QuantumResult]]]) -> None:
+        with single_writer(self.storage.root):
+            for step, results in batch:
+                step.register(results)
