@@ -13,7 +13,7 @@ import numpy as np
 
 from drp_flows.tasks.camera import Camera
 from drp_flows.tasks.isr import run_isr
-from drp_flows.tasks.simulate import read_out
+from drp_flows.validation.simulate import read_out
 
 
 def best_of(fn, repeat: int = 5) -> float:

@@ -1,7 +1,7 @@
 """Planning at survey scale: a site repository of N visits of 9 CCDs (bench/survey_registry.py:
 a tiny survey set up with our own setup flow, its visits copied), then
 - the visits a site holds (`site_visits`), as every campaign starts;
-- plan_calibrate of one step-1 group of G visits (every raw, calibration and refcat shard);
+- calibrateImage planned for one step-1 group of G visits (every raw, calibration and refcat shard);
 - the last group of a campaign of groups of `--group` visits, once every other group's outputs
   are registered (in a RUN per group, chained into the campaign as stages do), against the
   same group planned first, with only its own RUN in the campaign: planning must not grow
@@ -30,6 +30,7 @@ from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
+from drp_flows.tasks.pipeline import LABELS
 
 CAMPAIGN = "scale"
 
@@ -83,7 +84,7 @@ def main():
         assert len(visits) == args.visits, len(visits)
         collections = [campaign_collection(CAMPAIGN)]
         big = visits[:args.big_group]
-        (quanta, _, _), secs, peak = measured(step1.plan_calibrate, butler, site.store, "run",
+        (quanta, _, _), secs, peak = measured(LABELS[step1.CALIBRATE].plan, butler, site.store, "run",
                                               big, collections)
         assert len(quanta) == 9 * len(big)
         rows[f"plan_calibrate {len(big)} visits seconds"] = secs
@@ -92,16 +93,16 @@ def main():
         names = list(groups)
         register_done(butler, {names[-1]: []})   # its RUN, chained before it is planned
         (first, _, _), rows["first group seconds"], _ = measured(
-            step1.plan_calibrate, butler, site.store, "run", groups[names[-1]], collections,
+            LABELS[step1.CALIBRATE].plan, butler, site.store, "run", groups[names[-1]], collections,
             repeat=5)
         rows["register the other groups seconds"] = register_done(
             butler, {n: groups[n] for n in names[:-1]})
         (last, skipped, _), rows["last group seconds"], _ = measured(
-            step1.plan_calibrate, butler, site.store, "run", groups[names[-1]], collections,
+            LABELS[step1.CALIBRATE].plan, butler, site.store, "run", groups[names[-1]], collections,
             repeat=5)
         assert len(last) == len(first) and skipped == 0
         (_, skipped, _), rows["a done group seconds"], _ = measured(
-            step1.plan_calibrate, butler, site.store, "run", groups[names[0]], collections,
+            LABELS[step1.CALIBRATE].plan, butler, site.store, "run", groups[names[0]], collections,
             repeat=5)
         assert skipped == 9 * len(groups[names[0]])
     rows["last / first group"] = rows["last group seconds"] / rows["first group seconds"]

@@ -25,7 +25,10 @@ from drp_flows.tasks.diffim import detect_dia_sources, subtract_images
 from drp_flows.tasks.images import Exposure
 from drp_flows.tasks.isr import run_isr
 from drp_flows.tasks.objects import measure_objects
-from drp_flows.tasks.simulate import (
+from drp_flows.tasks.skymap import tangent_wcs
+from drp_flows.tasks.step3 import patch_wcs
+from drp_flows.tasks.step4 import build_template
+from drp_flows.validation.simulate import (
     SurveyConfig,
     hot_pixels,
     make_asteroids,
@@ -35,9 +38,6 @@ from drp_flows.tasks.simulate import (
     response,
     simulate_science_ccd,
 )
-from drp_flows.tasks.skymap import tangent_wcs
-from drp_flows.tasks.step3 import patch_wcs
-from drp_flows.tasks.step4 import build_template
 
 
 def best_of(fn, repeat: int = 3):

@@ -26,7 +26,7 @@ COPIED = ("exposure", "visit", "visit_definition", "visit_system_membership",
 def small_site(root: Path) -> str:
     """A one-site file over every tract of a tiny simulated survey, set up; its path."""
     from drp_flows.flows.setup import setup_flow
-    from drp_flows.tasks.simulate import SurveyConfig, simulate_survey
+    from drp_flows.validation.simulate import SurveyConfig, simulate_survey
 
     survey = simulate_survey(SurveyConfig(**SMALL), root / "survey")
     site_file = root / "sites.yaml"

@@ -97,7 +97,7 @@ def _data_dir(data: Path | None) -> Path:
 def simulate(out: Path = typer.Argument(..., help="directory for raws, calibs, refcat, truth"),
              ccd_size: int = 1024, nights: int = 3, rounds_per_night: int = 3, seed: int = 42):
     """Simulate a mini-ComCam survey (deterministic from the seed)."""
-    from drp_flows.tasks.simulate import SurveyConfig, simulate_survey
+    from drp_flows.validation.simulate import SurveyConfig, simulate_survey
 
     cfg = SurveyConfig(seed=seed, ccd_size=ccd_size, nights=nights,
                        rounds_per_night=rounds_per_night)

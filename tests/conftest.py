@@ -19,7 +19,7 @@ import yaml
 
 import drp_flows  # noqa: F401  (offline Prefect defaults before Prefect is imported)
 from drp_flows.sites.config import load_sites
-from drp_flows.tasks.simulate import SurveyConfig, load_survey, simulate_survey
+from drp_flows.validation.simulate import SurveyConfig, load_survey, simulate_survey
 
 # Small but real: 384 px CCDs, two nights of two rounds: each tract seen in two bands, twice
 # each (24 visits, 216 CCDs, all bands over the six tracts). Three asteroids a tract: two

@@ -20,7 +20,7 @@ from drp_flows.flows.campaign import CAMPAIGN_SITE_ONLY
 from drp_flows.flows.stages import STAGES, site_tracts, site_visits
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
-from drp_flows.tasks.simulate import load_survey
+from drp_flows.validation.simulate import load_survey
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ from drp_flows.sites.config import load_sites
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.diffim import measurable
 from drp_flows.tasks.images import Exposure
-from drp_flows.tasks.simulate import load_survey
+from drp_flows.validation.simulate import load_survey
 
 GROUPS = CAMPAIGN_GROUPS  # visit groups of at most 5 visits: each site's 8 in two
 
@@ -366,8 +366,8 @@ def test_coadds_against_truth(result, sites_file, survey):
     from astropy.table import Table
     from scipy.spatial import cKDTree
 
-    from drp_flows.tasks.simulate import star_mags
     from drp_flows.tasks.skymap import header_wcs
+    from drp_flows.validation.simulate import star_mags
 
     truth = Table.read(survey / "truth" / "stars.parquet")
     truth = truth[truth["var_amplitude"] == 0]

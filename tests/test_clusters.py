@@ -20,6 +20,7 @@ from drp_flows.sites.clusters import executor_pool, make_cluster, running_cluste
 from drp_flows.sites.config import ClusterConfig, load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
+from drp_flows.tasks.pipeline import LABELS
 
 
 @pytest.mark.slurm
@@ -29,7 +30,7 @@ def test_slurm_site_runs_a_step1_batch(slurm, three_sites, tmp_path):
     visit = min(int(d["visit"]) for d in butler.registry.queryDataIds(
         ["visit"], datasets="raw", collections="ComCamSim/defaults", instrument=INSTRUMENT))
     run = "ComCamSim/runs/slurm-test/step1/one-visit/1"
-    quanta, _, _ = step1.plan_calibrate(butler, site.store, run, [visit], [])
+    quanta, _, _ = LABELS[step1.CALIBRATE].plan(butler, site.store, run, [visit], [])
     assert len(quanta) == 9
     cfg = ClusterConfig(kind="slurm", jobs=1, cores=1, processes=1, memory="1GB", queue="debug",
                         walltime="00:10:00", log_directory=str(tmp_path / "logs"),

@@ -9,8 +9,8 @@ from drp_flows.tasks.camera import Camera
 from drp_flows.tasks.coadd import CoaddAccumulator, coadd_psf, njy_scale, warp
 from drp_flows.tasks.images import Exposure
 from drp_flows.tasks.psf import add_point_sources
-from drp_flows.tasks.simulate import detector_wcs
 from drp_flows.tasks.skymap import tangent_wcs
+from drp_flows.validation.simulate import detector_wcs
 
 RA, DEC, FWHM, SKY_SIGMA = 53.1, -28.1, 4.5, 20.0
 

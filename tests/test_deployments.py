@@ -17,7 +17,7 @@ from drp_flows.flows.stages import read_progress, site_visits
 from drp_flows.flows.weekly import released_query, weekly_name
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
-from drp_flows.tasks.simulate import FIRST_NIGHT_MJD
+from drp_flows.validation.simulate import FIRST_NIGHT_MJD
 from prefect_ops import (
     ROOT,
     SITE_FILE,

@@ -107,7 +107,12 @@ def test_worker_sigkilled_mid_stage_heals(solo_site, campaign, tmp_path):
         # between two steps the worker may wait for a registration: kill it while it computes
         wait_until(lambda: busy(workers[0]), proc, log, "quantum running on the worker")
         workers[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: "died running" in log.read_text(), proc, log, "the death noticed", 120)
+        noticed = time.monotonic() - killed
         assert finish(proc, log) == 0, log.read_text()[-3000:]
+        print(f"SIGKILLed worker: noticed after {noticed:.1f} s, campaign done "
+              f"{time.monotonic() - killed:.1f} s after the kill")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -134,8 +139,12 @@ def test_slurm_job_cancelled_mid_stage_heals(slurm, solo_site, campaign, tmp_pat
         wait_until(lambda: registered(site_file, "cancelled1") >= 2, proc, log, "CCD registered")
         (job,) = jobs()
         subprocess.run(["scancel", job], check=True, timeout=30)
+        cancelled = time.monotonic()
         wait_until(lambda: jobs() and jobs() != [job], proc, log, "new worker job", 180)
+        replaced = time.monotonic() - cancelled
         assert finish(proc, log) == 0, log.read_text()[-3000:]
+        print(f"scancelled Slurm job: a new job running after {replaced:.1f} s, campaign "
+              f"done {time.monotonic() - cancelled:.1f} s after the cancel")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -187,7 +196,11 @@ def test_cluster_lost_for_good_fails_in_deadline_then_rescue_finishes(solo_site,
         procs.append(dask_process(*worker_args, log=tmp_path / "worker2.log"))
         rescue = start(site_file, "lost1", tmp_path / "rescue.log", command="rescue")
         procs.append(rescue)
+        rescue_start = time.monotonic()
         assert finish(rescue, tmp_path / "rescue.log") == 0, (tmp_path / "rescue.log").read_text()[-3000:]
+        print(f"cluster lost for good: the group failed {noticed:.1f} s after the loss "
+              f"(no_worker_timeout 20 s); drp rescue finished in "
+              f"{time.monotonic() - rescue_start:.1f} s")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -15,6 +15,7 @@ from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
+from drp_flows.tasks.pipeline import LABELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from survey_registry import grow  # noqa: E402
@@ -62,11 +63,11 @@ def test_a_2000_visit_group_plans(big_site):
     butler = open_butler(site)
     visits = site_visits(big_site, "big")
     assert len(visits) == VISITS
-    quanta, skipped, blocked = step1.plan_calibrate(butler, site.store, "run", visits,
+    quanta, skipped, blocked = LABELS[step1.CALIBRATE].plan(butler, site.store, "run", visits,
                                                     [campaign_collection(CAMPAIGN)])
     assert len(quanta) == 9 * VISITS and not skipped and not blocked
     q = quanta[-1]
-    assert {"raw", "bias", "dark", "flat", "band", "refcat"} <= set(q.inputs) and q.inputs["refcat"]
+    assert {"raw", "bias", "dark", "flat", "refcat"} <= set(q.inputs) and q.inputs["refcat"]
 
 
 def test_last_group_reads_what_the_first_does(big_site, monkeypatch):
@@ -78,7 +79,7 @@ def test_last_group_reads_what_the_first_does(big_site, monkeypatch):
 
     def plan(group: str) -> tuple[int, int]:
         counted = Counted(butler, monkeypatch)
-        quanta, skipped, _ = step1.plan_calibrate(butler, site.store, "run", groups[group],
+        quanta, skipped, _ = LABELS[step1.CALIBRATE].plan(butler, site.store, "run", groups[group],
                                                   collections)
         monkeypatch.undo()
         return counted.rows, len(quanta) + skipped

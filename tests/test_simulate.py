@@ -5,7 +5,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from drp_flows.tasks.camera import Camera
-from drp_flows.tasks.simulate import (
+from drp_flows.validation.simulate import (
     EXPTIME,
     ZEROPOINT,
     SurveyConfig,
@@ -20,7 +20,7 @@ def test_same_seed_same_ccd():
     cfg = SurveyConfig(ccd_size=128, nights=1, rounds_per_night=1)
     visit = plan_visits(cfg)[0]
     stars = make_stars(cfg)
-    from drp_flows.tasks.simulate import make_asteroids
+    from drp_flows.validation.simulate import make_asteroids
     ast = make_asteroids(cfg)
     a, _ = simulate_science_ccd(cfg, visit, 4, stars, ast)
     b, _ = simulate_science_ccd(cfg, visit, 4, stars, ast)

@@ -10,8 +10,8 @@ from drp_flows.tasks.calibrate import CalibrationError, calibrate, visit_psf_fwh
 from drp_flows.tasks.camera import PHYSICAL_FILTERS
 from drp_flows.tasks.isr import run_isr
 from drp_flows.tasks.psf import add_point_sources, fit_fwhm, psf_flux, psf_flux_scale
-from drp_flows.tasks.simulate import load_survey, response
 from drp_flows.tasks.skymap import header_wcs
+from drp_flows.validation.simulate import load_survey, response
 
 
 @pytest.fixture(scope="module")

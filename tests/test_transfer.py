@@ -25,7 +25,7 @@ from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import EmbargoConfig, load_sites
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.ingest import site_exposures
-from drp_flows.tasks.simulate import load_survey
+from drp_flows.validation.simulate import load_survey
 
 
 def _files(store: Storage, n_small: int, n_large: int, seed: int = 0) -> list[TransferItem]:

@@ -8,7 +8,7 @@ from astropy.time import Time
 
 from drp_flows.flows.stages import site_visits
 from drp_flows.flows.weekly import released_query, weekly_name
-from drp_flows.tasks.simulate import FIRST_NIGHT_MJD
+from drp_flows.validation.simulate import FIRST_NIGHT_MJD
 
 
 def test_weekly_names_are_iso_weeks():

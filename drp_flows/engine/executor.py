@@ -179,9 +179,17 @@ class Executor:
         """Run the quanta of one step (in the order given) and return one result per quantum,
         in completion order; `on_result` sees each as it arrives. Raises ClusterLost past a
         watchdog deadline (what had finished was passed to `on_result` first)."""
-        run = self.session(token, on_result)
+        results: list[QuantumResult] = []
+
+        def keep(result: QuantumResult) -> None:
+            results.append(result)
+            if on_result:
+                on_result(result)
+
+        run = self.session(token, keep)
         run.add(step, storage, config, quanta, memory, pool)
-        return run.until_done()
+        run.until_done()
+        return results
 
 
 class QuantumRun:
@@ -217,7 +225,8 @@ class QuantumRun:
         return bool(any(self.pending.values()) or self.in_flight or self.deciding)
 
     def until_done(self, tick: Callable[[bool], None] | None = None) -> list[QuantumResult]:
-        """Run until no quantum waits, runs or awaits a verdict. `tick(idle)` is called at
+        """Run until no quantum waits, runs or awaits a verdict; the results, unless an
+        `on_result` took each as it came. `tick(idle)` is called at
         every turn of the loop (at least every half second while quanta run, `idle` when none
         is left): it may add quanta, and the run ends only when it added none while idle."""
         now = time.monotonic()
@@ -251,9 +260,10 @@ class QuantumRun:
             total = self.durations.setdefault(result.step, [0.0, 0])
             total[0] += result.seconds
             total[1] += 1
-        self.results.append(result)
-        if self.on_result:
+        if self.on_result:       # whoever watches keeps what it needs (a group: a batch)
             self.on_result(result)
+        else:
+            self.results.append(result)
 
     def fail(self, attempt: _Attempt, reason: str, error_class: str, message: str) -> None:
         q = attempt.quantum

@@ -50,14 +50,14 @@ from drp_flows.sites.clusters import running_clusters
 from drp_flows.sites.config import LOCAL_SITES, SiteConfig, load_sites
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.pipeline import LABELS
-from drp_flows.tasks.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
-from drp_flows.tasks.qa_association import step5_qa
-from drp_flows.tasks.qa_diffim import step4_qa
-from drp_flows.tasks.qa_objects import object_qa
-from drp_flows.tasks.qa_survey import step7_qa
 from drp_flows.tasks.skymap import SKYMAP_NAME
 from drp_flows.tasks.step3 import MAP_TYPES
 from drp_flows.tasks.step5 import DIA_CATALOGS
+from drp_flows.validation.qa import checks_markdown, step1_qa, step2_qa, step3_qa, write_report
+from drp_flows.validation.qa_association import step5_qa
+from drp_flows.validation.qa_diffim import step4_qa
+from drp_flows.validation.qa_objects import object_qa
+from drp_flows.validation.qa_survey import step7_qa
 
 
 def latest_attempt(site_file: str, campaign: str) -> int:

@@ -30,7 +30,7 @@ from drp_flows.tasks.ingest import (
     site_exposures,
     skymap_records,
 )
-from drp_flows.tasks.simulate import SurveyConfig, load_survey
+from drp_flows.validation.simulate import SurveyConfig, load_survey
 
 
 @task(name="build master calibrations")

@@ -31,6 +31,7 @@ from drp_flows.engine.dataflow import (
     single_writer,
 )
 from drp_flows.engine.executor import ClusterLost, Executor, RetryPolicy
+from drp_flows.engine.pipeline import SCOPES
 from drp_flows.engine.planning import TRACT_GROUP, make_groups
 from drp_flows.engine.quanta import QuantumResult
 from drp_flows.engine.register import Registration, register_outputs
@@ -38,26 +39,10 @@ from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import executor_pool, running_clusters
 from drp_flows.sites.config import SiteConfig, load_sites
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks import step1, step2, step3, step4, step5, step7
+from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
-from drp_flows.tasks.pipeline import LABELS
+from drp_flows.tasks.pipeline import LABELS, STAGES
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
-
-# What each stage runs, by scope, in order. A scope says what a group of the stage is: a range
-# of visits, the site's tracts, or (at the campaign site) the whole campaign.
-STAGES = {
-    "stage1": {"visit": [step1.CALIBRATE, step1.CONSOLIDATE], "tract": [step1.ASSOCIATE]},
-    "global": {"campaign": [step2.FIT_CYCLE, step2.OUTPUT_PRODUCTS]},
-    "stage2": {"visit": [step2.UPDATE_VISIT_SUMMARY]},
-    "stage3": {"tract": [step3.ASSEMBLE_COADD, step3.PROPERTY_MAPS, step3.WRITE_OBJECT_TABLE,
-                         step3.CONSOLIDATE_OBJECT_TABLE]},
-    "stage4": {"visit": [step4.SUBTRACT, step5.CONSOLIDATE],
-               "tract": [step5.ASSOCIATE, step5.DIA_CALCULATION]},
-    "final": {"campaign": [step5.LINK, step7.CONSOLIDATE_MAPS, step7.PLOT_MAPS]},
-}
-
-SCOPE_KEYS = {"visit": "visit", "tract": "tract", "campaign": None}  # what a step's quanta
-# of a group are keyed by, for the next step to follow
 
 
 @task(name="register outputs", cache_policy=NO_CACHE)
@@ -240,7 +225,7 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
             priority(index, spec.pool)))
     with Executor(site, pools, policy, logger) as executor:
         try:
-            GroupFlow(executor, site_cfg.store, config, steps, SCOPE_KEYS[scope], ids,
+            GroupFlow(executor, site_cfg.store, config, steps, SCOPES[scope], ids,
                       uuid.uuid4().hex[:8], batch_size, site_cfg.follow_data, on_change).run()
         except ClusterLost as e:
             for p in progress:

@@ -9,17 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 from astropy.table import Table, vstack
-from lsst.daf.butler import Butler
 
-from drp_flows.datamodel import DEFAULTS, REFCAT
-from drp_flows.engine.planning import (
-    data_key,
-    dataset_uri,
-    done_quanta,
-    existing_collections,
-    output_uri,
-    visit_uris,
-)
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import read_table, table_bytes
@@ -28,70 +18,6 @@ from drp_flows.tasks.global_calib import calibrated_mag_err, fit_cycle
 FIT_CYCLE = "fgcmFitCycle"
 OUTPUT_PRODUCTS = "fgcmOutputProducts"
 UPDATE_VISIT_SUMMARY = "updateVisitSummary"
-
-
-def plan_fit_cycle(butler: Butler, storage: Storage, run: str, ids: list[int],
-                   collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """One quantum over every isolated star of the campaign (all tracts, all sites' visits:
-    they were fanned in to this site) and every preliminary zeropoint."""
-    outputs = ("fgcm_zeropoints", "fgcm_standard_star")
-    if data_key({}) in done_quanta(butler, collections, outputs):
-        return [], 1, []
-    existing = existing_collections(butler, collections)
-    sources = [] if not existing else butler.registry.queryDatasets(
-        "isolated_star_source", collections=existing, findFirst=True)
-    source_uris = sorted(dataset_uri(butler, storage, r) for r in sources)
-    summaries = sorted(visit_uris(butler, storage, "preliminary_visit_summary", collections).values())
-    if not source_uris or not summaries:
-        return [], 0, [{}]
-    refcat = sorted(dataset_uri(butler, storage, r) for r in butler.registry.queryDatasets(
-        REFCAT, collections=DEFAULTS, findFirst=True))
-    inputs = {"isolated_star_source": source_uris, "preliminary_visit_summary": summaries,
-              "refcat": refcat}
-    return [Quantum(FIT_CYCLE, {}, inputs, {o: output_uri(storage, run, o, {}) for o in outputs})], 0, []
-
-
-def plan_output_products(butler: Butler, storage: Storage, run: str, ids: list[int],
-                         collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """One fgcm_photo_calib per visit that has a preliminary summary; blocked without a fit."""
-    done = done_quanta(butler, collections, ("fgcm_photo_calib",))
-    visits = sorted(visit_uris(butler, storage, "preliminary_visit_summary", collections))
-    existing = existing_collections(butler, collections)
-    fits_ = [] if not existing else list(butler.registry.queryDatasets(
-        "fgcm_zeropoints", collections=existing, findFirst=True))
-    quanta, skipped, blocked = [], 0, []
-    for visit in visits:
-        data_id = {"visit": visit}
-        if data_key(data_id) in done:
-            skipped += 1
-        elif not fits_:
-            blocked.append(data_id)
-        else:
-            quanta.append(Quantum(
-                OUTPUT_PRODUCTS, data_id, {"fgcm_zeropoints": dataset_uri(butler, storage, fits_[0])},
-                {"fgcm_photo_calib": output_uri(storage, run, "fgcm_photo_calib", data_id)}))
-    return quanta, skipped, blocked
-
-
-def plan_update_visit_summary(butler: Butler, storage: Storage, run: str, visits: list[int],
-                              collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """Final summary and recalibrated stars per visit; blocked until its calibration arrived."""
-    outputs = ("visit_summary", "recalibrated_star")
-    done = done_quanta(butler, collections, outputs, "visit", visits)
-    inputs = {name: visit_uris(butler, storage, name, collections, visits)
-              for name in ("preliminary_visit_summary", "single_visit_star", "fgcm_photo_calib")}
-    quanta, skipped, blocked = [], 0, []
-    for visit in visits:
-        data_id = {"visit": visit}
-        if data_key(data_id) in done:
-            skipped += 1
-        elif not all(visit in found for found in inputs.values()):
-            blocked.append(data_id)
-        else:
-            quanta.append(Quantum(UPDATE_VISIT_SUMMARY, data_id,
-                                  {name: found[visit] for name, found in inputs.items()},
-                                  {o: output_uri(storage, run, o, data_id) for o in outputs}))
-    return quanta, skipped, blocked
 
 
 def run_fit_cycle(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:

@@ -10,27 +10,17 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import vstack
 from astropy.wcs import WCS
-from lsst.daf.butler import Butler
+from lsst.sphgeom import ConvexPolygon
 
-from drp_flows.engine.planning import (
-    data_key,
-    dataset_uri,
-    dataset_uris,
-    done_quanta,
-    existing_collections,
-    output_uri,
-    visit_uris,
-    within,
-)
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
+from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.coadd import CoaddAccumulator, njy_scale, warp
 from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.objects import measure_objects
 from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
-from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs, inset_polygon, tangent_wcs
+from drp_flows.tasks.skymap import MiniSkymap, header_wcs, inset_polygon, tangent_wcs
 
 ASSEMBLE_COADD = "assembleCoadd"
 PROPERTY_MAPS = "healSparsePropertyMaps"
@@ -40,113 +30,17 @@ SLIVER_PIXELS = 3        # a CCD overlapping a patch by less than this is not on
 MAP_TYPES = tuple(f"deep_coadd_{name}" for name in MAPS)
 
 
-def _plan_per_cell(label: str, outputs: tuple[str, ...], with_patch: bool):
-    """A planner of quanta per (tract, patch, band) or (tract, band) cell that the site's
-    calibrated images overlap (the registry's spatial join of visit-detector regions and
-    patches); a cell is blocked while an overlapping visit has no final visit summary."""
-    def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
-             collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-        done = done_quanta(butler, collections, outputs, "tract", tracts)
-        existing = existing_collections(butler, collections)
-        if not existing or not tracts:
-            return [], 0, []
-        images, summaries, cells = _overlaps(butler, storage, tracts, existing, with_patch)
-        quanta, skipped, blocked = [], 0, []
-        for cell, ccds in sorted(cells.items()):
-            data_id = dict(zip(("skymap", "tract", "patch", "band") if with_patch
-                               else ("skymap", "tract", "band"), (SKYMAP_NAME, *cell), strict=True))
-            if data_key(data_id) in done:
-                skipped += 1
-                continue
-            visits = sorted({v for v, _ in ccds})
-            if any(v not in summaries for v in visits):
-                blocked.append(data_id)
-                continue
-            inputs = {"preliminary_visit_image": [images[c] for c in sorted(ccds) if c in images],
-                      "visit_summary": [summaries[v] for v in visits]}
-            quanta.append(Quantum(label, data_id, inputs,
-                                  {o: output_uri(storage, run, o, data_id) for o in outputs}))
-        return quanta, skipped, blocked
-    return plan
+def warp_region(ccd: ConvexPolygon) -> ConvexPolygon:
+    """The part of a CCD whose overlap with a patch makes it a coadd input: the registry's
+    spatial join is coarse (it matches sky pixels, so a CCD a few pixels from a patch is
+    joined to it), and a sliver narrower than SLIVER_PIXELS gives the warp no pixel centre
+    to resample."""
+    return inset_polygon(ccd, SLIVER_PIXELS * PIXEL_SCALE)
 
 
-def _overlaps(butler: Butler, storage: Storage, tracts: list[int], existing: list[str],
-              with_patch: bool) -> tuple[dict, dict, dict]:
-    """Image URIs by (visit, detector), summary URIs by visit, and the CCDs of each cell.
-
-    The registry's spatial join is coarse (it matches sky pixels, so a CCD a few pixels from a
-    patch is joined to it); each pair is checked again on the exact regions, for coadds with
-    the CCD's inset by SLIVER_PIXELS: a sliver narrower than that gives the warp no pixel
-    centre to resample."""
-    images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): dataset_uri(butler, storage, r)
-              for r in butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
-                                                     findFirst=True)}
-    summaries = visit_uris(butler, storage, "visit_summary", existing)
-    inset = SLIVER_PIXELS * PIXEL_SCALE if with_patch else 0.0   # maps take every footprint
-    ccd_regions = {(int(r.visit), int(r.detector)): inset_polygon(r.region, inset) for r in
-                   butler.registry.queryDimensionRecords("visit_detector_region",
-                                                         instrument=INSTRUMENT)}
-    cells: dict[tuple, set] = {}
-    for tract in tracts:
-        cell_regions = ({int(r.id): r.region for r in butler.registry.queryDimensionRecords(
-            "patch", skymap=SKYMAP_NAME, tract=tract)} if with_patch else
-            {None: next(iter(butler.registry.queryDimensionRecords(
-                "tract", skymap=SKYMAP_NAME, tract=tract))).region})
-        for d in butler.registry.queryDataIds(
-                ["tract", "patch", "visit", "detector", "band"], skymap=SKYMAP_NAME, tract=tract,
-                datasets="preliminary_visit_image", collections=existing):
-            ccd = (int(d["visit"]), int(d["detector"]))
-            patch = int(d["patch"]) if with_patch else None
-            if ccd_regions[ccd].isDisjointFrom(cell_regions[patch]):
-                continue
-            key = (tract, patch) if with_patch else (tract,)
-            cells.setdefault((*key, d["band"]), set()).add(ccd)
-    return images, summaries, cells
-
-
-plan_assemble_coadd = _plan_per_cell(ASSEMBLE_COADD, ("deep_coadd", "template_coadd"), with_patch=True)
-plan_property_maps = _plan_per_cell(PROPERTY_MAPS, MAP_TYPES, with_patch=False)
-
-
-def patch_datasets(butler: Butler, storage: Storage, dataset_type: str, tracts: list[int],
-                   existing: list[str]) -> dict[tuple[int, int], list[str]]:
-    """URIs of a per-(tract, patch[, band]) dataset type in the tracts, by (tract, patch)."""
-    out: dict[tuple[int, int], list[str]] = {}
-    if not existing or not tracts:
-        return out
-    refs = list(butler.registry.queryDatasets(dataset_type, collections=existing, findFirst=True,
-                                              skymap=SKYMAP_NAME, **within("tract", tracts)))
-    for ref, uri in zip(refs, dataset_uris(butler, storage, refs), strict=True):
-        out.setdefault((int(ref.dataId["tract"]), int(ref.dataId["patch"])), []).append(uri)
-    return out
-
-
-def _plan_from_patches(label: str, needs: str, output: str, per_tract: bool):
-    """A planner of one quantum per patch (or per tract) over a per-patch input."""
-    def plan(butler: Butler, storage: Storage, run: str, tracts: list[int],
-             collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-        done = done_quanta(butler, collections, (output,), "tract", tracts)
-        cells: dict[tuple, list[str]] = {}
-        for (tract, patch), uris in patch_datasets(butler, storage, needs, tracts,
-                                                   existing_collections(butler, collections)).items():
-            cells.setdefault((tract,) if per_tract else (tract, patch), []).extend(uris)
-        quanta, skipped = [], 0
-        for cell, uris in sorted(cells.items()):
-            data_id = dict(zip(("skymap", "tract", "patch")[:len(cell) + 1], (SKYMAP_NAME, *cell),
-                               strict=True))
-            if data_key(data_id) in done:
-                skipped += 1
-                continue
-            quanta.append(Quantum(label, data_id, {needs: sorted(uris)},
-                                  {output: output_uri(storage, run, output, data_id)}))
-        return quanta, skipped, []
-    return plan
-
-
-plan_write_object_table = _plan_from_patches(WRITE_OBJECT_TABLE, "deep_coadd", "object_patch",
-                                             per_tract=False)
-plan_consolidate_object_table = _plan_from_patches(CONSOLIDATE_OBJECT_TABLE, "object_patch", "object",
-                                                   per_tract=True)
+def footprint_region(ccd: ConvexPolygon) -> ConvexPolygon:
+    """A CCD's whole footprint: the property maps take every CCD that reaches the tract."""
+    return ccd
 
 
 @lru_cache(maxsize=64)

@@ -16,22 +16,12 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
-from lsst.daf.butler import Butler
 from scipy.ndimage import binary_erosion
 
-from drp_flows.engine.planning import (
-    data_key,
-    dataset_uri,
-    dataset_uris,
-    done_quanta,
-    existing_collections,
-    output_uri,
-    visit_uris,
-    within,
-)
+from drp_flows.engine.pipeline import Blocked
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
+from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.catalogs import table_bytes
 from drp_flows.tasks.coadd import njy_scale, warp
 from drp_flows.tasks.diffim import (
@@ -44,7 +34,7 @@ from drp_flows.tasks.diffim import (
     subtract_images,
 )
 from drp_flows.tasks.images import Exposure, bit, read_fits
-from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap, header_wcs
+from drp_flows.tasks.skymap import MiniSkymap, header_wcs
 from drp_flows.tasks.step3 import box_wcs, summary_rows
 
 SUBTRACT = "subtractImages"
@@ -65,48 +55,16 @@ def template_visits(storage: Storage, uri: str) -> frozenset[int]:
         return frozenset(int(v) for v in fits.getheader(f, 0)["VISITS"].split())
 
 
-def plan_subtract(butler: Butler, storage: Storage, run: str, visits: list[int],
-                  collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """A quantum per calibrated CCD of the group's visits with a template not holding its
-    visit; blocked while its final visit summary (with a row for it: a CCD rescued after its
-    visit was consolidated has none) or every overlapping template is missing."""
-    done = done_quanta(butler, collections, OUTPUTS, "visit", visits)
-    existing = existing_collections(butler, collections)
-    if not existing or not visits:
-        return [], 0, []
-    group = within("visit", visits)
-    refs = list(butler.registry.queryDatasets("preliminary_visit_image", collections=existing,
-                                              instrument=INSTRUMENT, findFirst=True, **group))
-    images = {(int(r.dataId["visit"]), int(r.dataId["detector"])): uri
-              for r, uri in zip(refs, dataset_uris(butler, storage, refs), strict=True)}
-    summaries = visit_uris(butler, storage, "visit_summary", existing, visits)
-    templates = {(int(r.dataId["tract"]), int(r.dataId["patch"]), r.dataId["band"]):
-                 dataset_uri(butler, storage, r)
-                 for r in butler.registry.queryDatasets("template_coadd", collections=existing,
-                                                        findFirst=True)}
-    cells: dict[tuple[int, int], set] = {}
-    for d in butler.registry.queryDataIds(["tract", "patch", "visit", "detector", "band"],
-                                          skymap=SKYMAP_NAME, datasets="preliminary_visit_image",
-                                          collections=existing, instrument=INSTRUMENT, **group):
-        cells.setdefault((int(d["visit"]), int(d["detector"])), set()).add(
-            (int(d["tract"]), int(d["patch"]), d["band"]))
-    quanta, skipped, blocked = [], 0, []
-    for (visit, detector), uri in sorted(images.items()):
-        data_id = {"visit": visit, "detector": detector}
-        found = [templates[c] for c in sorted(cells.get((visit, detector), ())) if c in templates]
-        if data_key(data_id) in done:
-            skipped += 1
-        elif visit not in summaries or not found or detector not in summary_detectors(
-                storage, summaries[visit]):
-            blocked.append(data_id)
-        else:
-            usable = [t for t in found if visit not in template_visits(storage, t)]
-            if usable:
-                quanta.append(Quantum(SUBTRACT, data_id, {
-                    "preliminary_visit_image": uri, "visit_summary": summaries[visit],
-                    "template_coadd": usable},
-                    {o: output_uri(storage, run, o, data_id) for o in OUTPUTS}))
-    return quanta, skipped, blocked
+def usable_templates(storage: Storage, data_id: dict, inputs: dict) -> dict | None:
+    """The pipeline's adjust of a CCD's quantum: its overlapping templates less those made
+    from its own visit (none left: nothing to difference against, no quantum); blocked when
+    its final visit summary has no row for it (a CCD rescued after its visit was
+    consolidated)."""
+    visit = data_id["visit"]
+    if data_id["detector"] not in summary_detectors(storage, inputs["visit_summary"]):
+        raise Blocked(f"visit {visit}'s summary has no detector {data_id['detector']}")
+    usable = [t for t in inputs["template_coadd"] if visit not in template_visits(storage, t)]
+    return inputs | {"template_coadd": usable} if usable else None
 
 
 def build_template(templates: list[Exposure], sky: MiniSkymap, wcs: WCS,

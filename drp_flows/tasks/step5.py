@@ -12,17 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from astropy.table import Table
-from lsst.daf.butler import Butler
 
-from drp_flows.engine.planning import (
-    data_key,
-    dataset_uri,
-    dataset_uris,
-    done_quanta,
-    existing_collections,
-    output_uri,
-    within,
-)
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.association import (
@@ -31,13 +21,12 @@ from drp_flows.tasks.association import (
     dia_objects,
     light_curve_stats,
 )
-from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
+from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.diffim import forced_photometry, measurable
 from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.moving_objects import link, mover_candidates
 from drp_flows.tasks.skymap import MiniSkymap
-from drp_flows.tasks.step1 import plan_per_tract
 
 CONSOLIDATE = "consolidateDiaSourceTable"
 ASSOCIATE = "drpAssociation"
@@ -45,37 +34,6 @@ DIA_CALCULATION = "drpDiaCalculation"
 LINK = "linkSolarSystemObjects"
 DIA_CATALOGS = ("dia_source", "dia_object", "dia_object_forced_source")   # archived at home
 OBJECT_ID_STRIDE = 10 ** 12          # dia_object_id = (tract + 1) * stride + n
-
-
-plan_associate = plan_per_tract(ASSOCIATE, ("dia_source",), ("dia_source_visit",))
-plan_dia_calculation = plan_per_tract(DIA_CALCULATION, ("dia_object", "dia_object_forced_source"),
-                                       ("dia_source", "difference_image", "object"))
-
-
-def plan_consolidate(butler: Butler, storage: Storage, run: str, visits: list[int],
-                     collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """A quantum per visit of the group with DIA sources of any detector (visits that were not
-    differenced, every template holding them, have none and no quantum)."""
-    done = done_quanta(butler, collections, ("dia_source_visit",), "visit", visits)
-    existing = existing_collections(butler, collections)
-    if not existing or not visits:
-        return [], 0, []
-    per_visit: dict[int, list[str]] = {}
-    refs = list(butler.registry.queryDatasets("dia_source_detector", collections=existing,
-                                              findFirst=True, instrument=INSTRUMENT,
-                                              **within("visit", visits)))
-    for ref, uri in zip(refs, dataset_uris(butler, storage, refs), strict=True):
-        per_visit.setdefault(int(ref.dataId["visit"]), []).append(uri)
-    quanta, skipped = [], 0
-    for visit, uris in sorted(per_visit.items()):
-        data_id = {"visit": visit}
-        if data_key(data_id) in done:
-            skipped += 1
-        else:
-            quanta.append(Quantum(CONSOLIDATE, data_id, {"dia_source_detector": sorted(uris)},
-                                  {"dia_source_visit": output_uri(storage, run, "dia_source_visit",
-                                                                  data_id)}))
-    return quanta, skipped, []
 
 
 def consolidate_dia_sources(quantum: Quantum, storage: Storage, out: OutputWriter,
@@ -117,13 +75,14 @@ def dia_calculation(quantum: Quantum, storage: Storage, out: OutputWriter, confi
     """Forced photometry of every difference image on the tract at its DIA objects, and the
     objects with their light-curve statistics (runs on a worker, one image in memory); the
     tract's coadd objects tell stars from movers caught in a template."""
-    dia_sources = read_table(storage, quantum.inputs["dia_source"][0])
+    dia_sources = read_table(storage, quantum.inputs["dia_source"])
     objects = dia_objects(dia_sources)
     forced = [forced_sources(Exposure.from_hdulist(read_fits(storage, u)), objects)
               for u in quantum.inputs["difference_image"]] if len(objects) else []
     forced = concatenate(forced) if forced else forced_sources_empty()
-    coadd_objects = [read_table(storage, u) for u in quantum.inputs["object"]]
-    objects = light_curve_stats(objects, forced, coadd_objects[0] if coadd_objects else None)
+    coadd_objects = read_table(storage, quantum.inputs["object"]) if "object" in quantum.inputs \
+        else None
+    objects = light_curve_stats(objects, forced, coadd_objects)
     objects.add_column(np.full(len(objects), quantum.data_id["tract"]), name="tract", index=1)
     out.write("dia_object", table_bytes(objects))
     out.write("dia_object_forced_source", table_bytes(forced))
@@ -133,20 +92,6 @@ def forced_sources_empty() -> Table:
     return Table({"dia_object_id": np.zeros(0, np.int64), "visit": np.zeros(0, np.int64),
                   "detector": np.zeros(0, np.int32), "band": np.zeros(0, str), "mjd": np.zeros(0),
                   "psf_flux": np.zeros(0), "psf_flux_err": np.zeros(0)})
-
-
-def plan_link(butler: Butler, storage: Storage, run: str, ids: list[int],
-              collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-    """One quantum over the DIA sources of every tract (fanned in to this site)."""
-    outputs = ("ss_object", "ss_source")
-    if data_key({}) in done_quanta(butler, collections, outputs):
-        return [], 1, []
-    existing = existing_collections(butler, collections)
-    inputs = {"dia_source": sorted(dataset_uri(butler, storage, r) for r in butler.registry.queryDatasets(
-        "dia_source", collections=existing, findFirst=True)) if existing else []}
-    if not inputs["dia_source"]:
-        return [], 0, [{}]
-    return [Quantum(LINK, {}, inputs, {o: output_uri(storage, run, o, {}) for o in outputs})], 0, []
 
 
 def link_solar_system_objects(quantum: Quantum, storage: Storage, out: OutputWriter,

@@ -10,14 +10,11 @@ import healsparse as hsp
 import hpgeom
 import numpy as np
 from astropy.table import Table
-from lsst.daf.butler import Butler
 
-from drp_flows.engine.planning import data_key, dataset_uri, done_quanta, existing_collections, output_uri
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import table_bytes
 from drp_flows.tasks.property_maps import MAPS, NSIDE, NSIDE_COVERAGE, map_bytes, read_map
-from drp_flows.tasks.skymap import SKYMAP_NAME
 
 CONSOLIDATE_MAPS = "consolidateHealSparsePropertyMaps"
 PLOT_MAPS = "plotPropertyMapSurvey"
@@ -28,34 +25,6 @@ SURVEY_PLOT = "deep_coadd_property_map_survey_plot"
 METRICS = "property_map_metrics"
 LABELS = {"n_exposure": "number of exposures", "exposure_time": "exposure time (s)",
           "psf_size": "PSF FWHM (arcsec)", "psf_maglim": "5-sigma depth (mag)"}
-
-
-def _plan_per_band(label: str, needs: tuple[str, ...], outputs: tuple[str, ...]):
-    """A planner of one quantum per band over every dataset of `needs` at this site."""
-    def plan(butler: Butler, storage: Storage, run: str, ids: list[int],
-             collections: list[str]) -> tuple[list[Quantum], int, list[dict]]:
-        done = done_quanta(butler, collections, outputs)
-        existing = existing_collections(butler, collections)
-        by_band: dict[str, dict[str, list[str]]] = {}
-        for name in needs if existing else ():
-            for ref in butler.registry.queryDatasets(name, collections=existing, findFirst=True):
-                by_band.setdefault(ref.dataId["band"], {n: [] for n in needs})[name].append(
-                    dataset_uri(butler, storage, ref))
-        quanta, skipped = [], 0
-        for band, inputs in sorted(by_band.items()):
-            data_id = {"skymap": SKYMAP_NAME, "band": band}
-            if data_key(data_id) in done:
-                skipped += 1
-                continue
-            quanta.append(Quantum(label, data_id, {n: sorted(u) for n, u in inputs.items()},
-                                  {o: output_uri(storage, run, o, data_id) for o in outputs}))
-        return quanta, skipped, []
-    return plan
-
-
-plan_consolidate_maps = _plan_per_band(CONSOLIDATE_MAPS, tuple(CONSOLIDATED),
-                                       tuple(CONSOLIDATED.values()))
-plan_plot_maps = _plan_per_band(PLOT_MAPS, tuple(CONSOLIDATED.values()), (SURVEY_PLOT, METRICS))
 
 
 def consolidate(maps: list[hsp.HealSparseMap]) -> hsp.HealSparseMap:
@@ -118,7 +87,7 @@ def survey_plot(maps: dict[str, hsp.HealSparseMap], band: str) -> bytes:
 
 def plot_maps(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
     """Whole-field plot and metrics of one band's survey maps (runs on a worker)."""
-    maps = {name: read_map(storage, uris[0]) for name, uris in quantum.inputs.items()}
+    maps = {name: read_map(storage, uri) for name, uri in quantum.inputs.items()}
     band = quantum.data_id["band"]
     out.write(SURVEY_PLOT, survey_plot(maps, band))
     metrics = property_metrics(maps)

@@ -28,8 +28,8 @@ from drp_flows.tasks.association import MIN_DETECTIONS_VARIABLE
 from drp_flows.tasks.diffim import RESIDUAL_FRACTION
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.moving_objects import MIN_NIGHTS, night_of
-from drp_flows.tasks.qa import check
-from drp_flows.tasks.simulate import asteroid_positions
+from drp_flows.validation.qa import check
+from drp_flows.validation.simulate import asteroid_positions
 
 TARGETS = {"variables_recovered": 0.95, "false_flags": 0.01, "asteroids_linked": 0.90}
 DETECTABLE_SNR = 6.0

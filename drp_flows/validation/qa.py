@@ -22,8 +22,8 @@ from scipy.spatial import cKDTree
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.global_calib import SYS_FLOOR, repeatability
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
-from drp_flows.tasks.simulate import star_mags
 from drp_flows.tasks.skymap import header_wcs
+from drp_flows.validation.simulate import star_mags
 
 TARGETS = {"wcs_rms_mas": 10.0, "am1_mas": 10.0, "zp_rms_mmag": 10.0, "completeness50_offset_mag": 0.1,
            "global_zp_rms_mmag": 2.0, "pa1_gri_mmag": 5.0, "pa1_uzy_mmag": 7.5,
@@ -202,7 +202,7 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
             if int(ref.dataId["tract"]) not in tracts:
                 tracts[int(ref.dataId["tract"])] = butler.get(ref)
     if tracts:
-        from drp_flows.tasks.simulate import load_survey
+        from drp_flows.validation.simulate import load_survey
 
         footprint_arcmin = 3 * load_survey(survey)[0].ccd_size * PIXEL_SCALE / 60
         qa.am1 = am1(vstack(list(tracts.values()), metadata_conflicts="silent"),
@@ -432,7 +432,7 @@ class FootprintTruth:
     true WCS, pixelised as the property maps are."""
 
     def __init__(self, butler: Butler, collection: str, survey: Path):
-        from drp_flows.tasks.simulate import load_survey
+        from drp_flows.validation.simulate import load_survey
 
         cfg, _ = load_survey(survey)
         self.sky, self.n = cfg.skymap, cfg.ccd_size

@@ -28,9 +28,9 @@ from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.coadd import NJY_MAG0
 from drp_flows.tasks.diffim import DETECTION_SIGMA, DIPOLE_FWHM, UNUSABLE, forced_photometry, measurable
 from drp_flows.tasks.images import Exposure
-from drp_flows.tasks.qa import check
-from drp_flows.tasks.simulate import asteroid_mags, asteroid_positions, star_mags
 from drp_flows.tasks.skymap import header_wcs
+from drp_flows.validation.qa import check
+from drp_flows.validation.simulate import asteroid_mags, asteroid_positions, star_mags
 
 SNR_BINS = np.array([2, 3, 4, 5, 6, 8, 10, 15, 25, 50, 1e9])
 MATCH_ARCSEC = 1.0
@@ -66,6 +66,24 @@ def truth_transients(stars: Table, asteroids: Table, band: str, mjd: float,
                             "flux": np.zeros(len(a_flux)), "delta_flux": -a_flux / len(template_mjds),
                             "kind": np.full(len(a_flux), "template asteroid")}))
     return vstack(parts)
+
+
+def near_points(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """The pixels (centres at integer x, y) closer than `radius` to any of the points: a disc
+    painted around each point that reaches the image (a KD-tree query of every pixel costs
+    seconds per CCD)."""
+    ny, nx = shape
+    r = int(np.ceil(radius)) + 1
+    oy, ox = (o.ravel() for o in np.mgrid[-r:r + 1, -r:r + 1])
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    reach = np.isfinite(x) & np.isfinite(y) & (x > -r) & (x < nx + r) & (y > -r) & (y < ny + r)
+    x, y = x[reach, None], y[reach, None]
+    px, py = np.round(x).astype(int) + ox, np.round(y).astype(int) + oy
+    hit = ((px - x) ** 2 + (py - y) ** 2 < radius ** 2) & (px >= 0) & (px < nx) & (py >= 0) \
+        & (py < ny)
+    out = np.zeros(shape, bool)
+    out[py[hit], px[hit]] = True
+    return out
 
 
 @dataclass
@@ -104,14 +122,9 @@ def ccd_dia_qa(diff: Exposure, sources: Table, true_wcs, transients: Table, star
         np.column_stack([sx, sy])).query_ball_point(np.column_stack([tx, ty]), DIPOLE_FWHM * fwhm)])
     all_tx, all_ty = true_wcs.all_world2pix(np.asarray(transients["ra"]),
                                             np.asarray(transients["dec"]), 0)
-    yy, xx = np.nonzero(usable)
-    pix = np.column_stack([xx, yy])
-    blank = cKDTree(np.column_stack([sx[detectable], sy[detectable]])).query(
-        pix, distance_upper_bound=3 * fwhm)[0] == np.inf
-    blank &= cKDTree(np.column_stack([all_tx, all_ty])).query(
-        pix, distance_upper_bound=2 * fwhm)[0] == np.inf
-    blank_map = np.zeros_like(usable)
-    blank_map[yy[blank], xx[blank]] = True
+    blank_map = usable & ~near_points(usable.shape, sx[detectable], sy[detectable], 3 * fwhm) \
+        & ~near_points(usable.shape, all_tx, all_ty, 2 * fwhm)
+    blank = blank_map[usable]
     sxi = np.clip(np.round(np.asarray(sources["x"])).astype(int), 0, nx - 1)
     syi = np.clip(np.round(np.asarray(sources["y"])).astype(int), 0, ny - 1)
     n_fp = int(blank_map[syi, sxi].sum()) if len(sources) else 0
@@ -178,7 +191,7 @@ class Step4QA:
 
 def step4_qa(butlers: list[Butler], collection: str, survey: Path) -> Step4QA:
     """QA over the difference images and DIA sources of every given site Butler."""
-    from drp_flows.tasks.qa import _truth
+    from drp_flows.validation.qa import _truth
 
     truth_ccd, visits, stars = _truth(survey)
     asteroids = Table.read(survey / "truth" / "asteroids.parquet")

@@ -10,8 +10,8 @@ from pathlib import Path
 from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 
-from drp_flows.tasks.qa import FootprintTruth, check
 from drp_flows.tasks.step7 import CONSOLIDATED, METRICS, SURVEY_PLOT
+from drp_flows.validation.qa import FootprintTruth, check
 
 
 @dataclass

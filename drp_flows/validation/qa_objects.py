@@ -29,8 +29,8 @@ from drp_flows.tasks.camera import BANDS
 from drp_flows.tasks.coadd import NJY_MAG0
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.property_maps import NSIDE
-from drp_flows.tasks.qa import MAG_BINS, _crossing, check
 from drp_flows.tasks.skymap import SKYMAP_NAME
+from drp_flows.validation.qa import MAG_BINS, _crossing, check
 
 TARGETS = {"completeness50_offset_mag": 0.1, "flux_scale_mmag": 10.0, "pull_std": (0.85, 1.15)}
 ISOLATION_ARCSEC = 3.0
