@@ -17,8 +17,10 @@ from the quanta's measured durations), utilisation (busy worker-seconds over cor
 from the first start to the last end).
 
 Then the orchestration throughput: `--zero` zero-length quanta through the same path, in
-batches of 1,000, with the flow process's peak resident memory above what it held before, and
-registration's own rate (datasets/s). `--postgres URL` runs that on a PostgreSQL registry too.
+groups of `--group-visits` visits run two at a time and batches of 1,000, with the flow
+process's peak resident memory above what it held before (bounded by the window, not by the
+campaign: `--zero 1000000` is the million-quantum run), and registration's own rate
+(datasets/s). `--postgres URL` runs that on a PostgreSQL registry too.
 JSON in build/bench/scale.json.
 Run: python bench/scale.py [--cores 64 --groups 4 --visits 32 --unit 0.6 --zero 20000].
 """
@@ -85,15 +87,21 @@ def planner(step: str, storage: Storage, run: str, long_every: int):
 
 def run_stage(pool: Pool, butler: Butler, storage: Storage, groups: list[list[int]],
               unit: float, long_every: int, follow_data: bool, window: int,
-              steps: tuple[str, ...] = tuple(UNITS)) -> tuple[list[QuantumResult], list]:
-    """The stage's groups, as stage flows run them; every result, and every registration."""
-    results, registrations = [], []
+              steps: tuple[str, ...] = tuple(UNITS), keep: bool = True
+              ) -> tuple[list[QuantumResult] | int, list]:
+    """The stage's groups, as stage flows run them; every result (or, not `keep`ing them,
+    how many), and every registration."""
+    results: list[QuantumResult] = []
+    registrations = []
+    count = [0]
     tag = uuid.uuid4().hex[:6]
 
     @task(cache_policy=NO_CACHE)
     def register_task(batch: list[QuantumResult], run: str) -> None:
         registrations.append(register_outputs(butler, storage, batch, run))
-        results.extend(batch)
+        count[0] += len(batch)
+        if keep:
+            results.extend(batch)
 
     def register(batch: list[QuantumResult], run: str) -> None:
         register_task(quote(batch), run)      # as flows/stages.py: Prefect does not walk it
@@ -116,7 +124,7 @@ def run_stage(pool: Pool, butler: Butler, storage: Storage, groups: list[list[in
         run_window([partial(group, i, g) for i, g in enumerate(groups)], window)
 
     stage()
-    return results, registrations
+    return (results if keep else count[0]), registrations
 
 
 def figures(results: list[QuantumResult], cores: int) -> dict:
@@ -136,19 +144,22 @@ def figures(results: list[QuantumResult], cores: int) -> dict:
             "utilisation": work / (cores * (end - start))}
 
 
-def throughput(pool: Pool, butler: Butler, storage: Storage, n: int) -> dict:
-    """Zero-length quanta, one step, a group of n / 9 visits: what the orchestrator sustains."""
+def throughput(pool: Pool, butler: Butler, storage: Storage, n: int, group: int) -> dict:
+    """Zero-length quanta, one step, in groups of `group` visits two at a time (as a stage
+    runs them: what is in flight stays bounded by the window, however large the campaign):
+    what the orchestrator sustains, and its memory."""
     visits = list(range(n // CCDS))
+    groups = [visits[i:i + group] for i in range(0, len(visits), group)]
     reset_peak_memory()
     before = peak_memory_mb()
     start = time.perf_counter()
-    results, registrations = run_stage(pool, butler, storage, [visits], 0.0, 1, True, 1,
-                                       steps=("short",))
+    results, registrations = run_stage(pool, butler, storage, groups, 0.0, 1, True, 2,
+                                       steps=("short",), keep=False)
     seconds = time.perf_counter() - start
     registered = sum(r.datasets for r in registrations)
-    assert registered == len(results) == CCDS * len(visits), (registered, len(results))
-    return {"quanta": len(results), "seconds": seconds, "quanta/s": len(results) / seconds,
-            "peak RSS above start MB": peak_memory_mb() - before,
+    assert registered == results == CCDS * len(visits), (registered, results)
+    return {"quanta": results, "groups": len(groups), "seconds": seconds,
+            "quanta/s": results / seconds, "peak RSS above start MB": peak_memory_mb() - before,
             "registration datasets/s": registered / sum(r.seconds for r in registrations)}
 
 
@@ -163,6 +174,8 @@ def main():
                         help="seconds per unit of work (0: the throughput runs alone)")
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--zero", type=int, default=20_000, help="zero-length quanta")
+    parser.add_argument("--group-visits", type=int, default=2_000,
+                        help="visits (of 9 quanta) per group of the throughput run")
     parser.add_argument("--postgres", help="a PostgreSQL URL for the throughput run too")
     args = parser.parse_args()
     from prefect.testing.utilities import prefect_test_harness
@@ -194,8 +207,10 @@ def main():
             registries["PostgreSQL"] = (make_butler(Path(tmp) / "pg" / "repo", TYPES, detectors,
                                                     config), Storage(f"file://{tmp}/pg"))
         for name, (repo, root) in registries.items():
-            out[f"throughput {name}"] = row = throughput(pool, repo, root, args.zero)
-            print(f"{'throughput ' + name:>24}: {row['quanta']} zero-length quanta in "
+            out[f"throughput {name}"] = row = throughput(pool, repo, root, args.zero,
+                                                         args.group_visits)
+            print(f"{'throughput ' + name:>24}: {row['quanta']} zero-length quanta "
+                  f"({row['groups']} groups, 2 at a time) in "
                   f"{row['seconds']:.1f} s = {row['quanta/s']:.0f} quanta/s, registration "
                   f"{row['registration datasets/s']:.0f} datasets/s, flow process peak RSS "
                   f"+{row['peak RSS above start MB']:.0f} MB", flush=True)

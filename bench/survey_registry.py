@@ -3,6 +3,10 @@ survey is set up as one site with our own setup flow, then its visits are copied
 (new exposure and visit IDs, the same regions, timespans moved on) with a raw dataset per
 copied CCD that points at the original raw's file (one file, many datasets, as `direct`
 ingest allows). Planning sees a registry of N visits; nothing is read from the raws.
+`widen` first gives the camera more detectors (the full camera's 189: copies of the nine,
+with their regions, raws and certified calibrations), and `calibrate_all` registers a
+calibrated image per CCD and a summary per visit (again pointing at one file), so that
+step 3 can be planned at survey scale.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from astropy.time import TimeDelta
 from lsst.daf.butler import DataCoordinate, DatasetRef, FileDataset, Timespan
 
-from drp_flows.datamodel import RAW_RUN
+from drp_flows.datamodel import CALIB_COLLECTION, CALIB_RUN, RAW_RUN
 from drp_flows.sites.butler import formatter_for, open_butler
 from drp_flows.tasks.camera import INSTRUMENT
 
@@ -91,4 +95,64 @@ def grow(site_file: str, visits: int, chunk: int = 1000) -> float:
             registry.insertDimensionData(element, *rows[element])
         butler.ingest(*[FileDataset(path=uri, refs=refs, formatter=formatter_for("FitsHDUList"))
                         for uri, refs in files.items()], transfer="direct")
+    return time.perf_counter() - start
+
+
+def widen(site_file: str, detectors: int) -> None:
+    """Give the site's camera `detectors` detectors: detector d > 8 is a copy of d % 9 (the
+    same region in every visit, its raws pointing at that one's files, its calibrations
+    certified like that one's)."""
+    from drp_flows.sites.config import load_sites
+
+    butler = open_butler(load_sites(site_file)["big"], writeable=True)
+    registry = butler.registry
+    base = {int(r.id): r.toDict() for r in registry.queryDimensionRecords("detector",
+                                                                           instrument=INSTRUMENT)}
+    new = range(len(base), detectors)
+    registry.insertDimensionData("detector", *[base[d % len(base)] | {
+        "id": d, "full_name": f"C{d:03d}", "name_in_raft": f"C{d:03d}"} for d in new])
+    regions = [r.toDict() for r in registry.queryDimensionRecords("visit_detector_region",
+                                                                  instrument=INSTRUMENT)]
+    registry.insertDimensionData("visit_detector_region", *[
+        r | {"detector": d} for r in regions for d in new if d % len(base) == r["detector"]])
+    for dataset_type, run in (("raw", RAW_RUN), ("bias", CALIB_RUN), ("dark", CALIB_RUN),
+                              ("flat", CALIB_RUN)):
+        kind = butler.get_dataset_type(dataset_type)
+        files: dict[str, list[DatasetRef]] = {}
+        for ref in registry.queryDatasets(dataset_type, collections=run):
+            ids = dict(ref.dataId.required)
+            uri = str(butler.getURI(ref))
+            for d in new:
+                if d % len(base) == ids["detector"]:
+                    files.setdefault(uri, []).append(DatasetRef(kind, DataCoordinate.standardize(
+                        ids | {"detector": d}, dimensions=kind.dimensions), run=run))
+        butler.ingest(*[FileDataset(path=uri, refs=refs, formatter=formatter_for("FitsHDUList"))
+                        for uri, refs in files.items()], transfer="direct")
+        if run == CALIB_RUN:
+            registry.certify(CALIB_COLLECTION, [r for refs in files.values() for r in refs],
+                             Timespan(None, None))
+
+
+def calibrate_all(site_file: str, run: str) -> float:
+    """A preliminary_visit_image per CCD with a raw and a visit_summary per visit, registered
+    in `run` (all pointing at one raw's file: planning reads none of them); the seconds."""
+    from drp_flows.sites.config import load_sites
+
+    start = time.perf_counter()
+    butler = open_butler(load_sites(site_file)["big"], writeable=True)
+    registry = butler.registry
+    registry.registerRun(run)
+    raws = list(registry.queryDatasets("raw", collections=RAW_RUN))
+    path = str(butler.getURI(raws[0]))
+    image, summary = butler.get_dataset_type("preliminary_visit_image"), \
+        butler.get_dataset_type("visit_summary")
+    visits = {int(r.dataId["exposure"]) for r in raws}
+    images = [DatasetRef(image, DataCoordinate.standardize(
+        instrument=INSTRUMENT, visit=int(r.dataId["exposure"]), detector=int(r.dataId["detector"]),
+        dimensions=image.dimensions), run=run) for r in raws]
+    summaries = [DatasetRef(summary, DataCoordinate.standardize(
+        instrument=INSTRUMENT, visit=v, dimensions=summary.dimensions), run=run) for v in visits]
+    butler.ingest(FileDataset(path=path, refs=images, formatter=formatter_for("FitsHDUList")),
+                  FileDataset(path=path, refs=summaries, formatter=formatter_for("ArrowAstropy")),
+                  transfer="direct")
     return time.perf_counter() - start

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.stats import mad_std
+from scipy.signal import fftconvolve
 
 from drp_flows.tasks.diffim import (
     DiffimError,
     Template,
     alard_lupton_basis,
+    alard_lupton_factors,
+    convolve_basis,
     detect_dia_sources,
     forced_photometry,
     matched_filter,
@@ -51,6 +54,17 @@ def test_basis_is_ip_diffims_27_kernels():
     basis = alard_lupton_basis()
     assert basis.shape == (27, 21, 21)
     np.testing.assert_allclose((basis ** 2).sum(axis=(1, 2)), 1.0)
+
+
+def test_separable_basis_convolution_is_the_2d_one():
+    """The fit convolves star stamps with the basis as two 1-D passes; it must be the 2-D
+    convolution (scipy's FFT one) to rounding."""
+    rows, columns = alard_lupton_factors()
+    stamps = np.random.default_rng(3).normal(size=(4, 41, 41))
+    want = fftconvolve(stamps[:, None], alard_lupton_basis()[None], mode="valid", axes=(2, 3))
+    got = convolve_basis(stamps, rows, columns)
+    assert got.shape == want.shape == (4, 27, 21, 21)
+    np.testing.assert_allclose(got, want, atol=1e-12 * np.abs(want).max())
 
 
 def test_subtraction_leaves_noise_at_the_stars(pair):

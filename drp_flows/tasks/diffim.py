@@ -53,18 +53,36 @@ def poly_terms(x: np.ndarray, y: np.ndarray, order: int) -> list[np.ndarray]:
     return [x ** (total - j) * y ** j for total in range(order + 1) for j in range(total + 1)]
 
 
-def alard_lupton_basis(size: int = KERNEL_SIZE) -> np.ndarray:
-    """The basis kernels [n, size, size], each of unit L2 norm for a well-conditioned fit."""
+def alard_lupton_factors(size: int = KERNEL_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The basis kernels as outer products of a row (y) and a column (x) profile, [n, size]
+    each, so that a stamp is convolved with one as two 1-D passes."""
     h = size // 2
     u = np.arange(-h, h + 1, dtype=float)
-    kernels = []
+    rows, columns = [], []
     for sigma, degree in zip(ALARD_SIGMAS, ALARD_DEGREES, strict=True):
         g = np.exp(-u ** 2 / (2 * sigma ** 2))
         for i in range(degree + 1):
             for j in range(degree + 1 - i):
-                k = np.outer(g * u ** j, g * u ** i)      # rows are y (power j), columns x (i)
-                kernels.append(k / np.sqrt((k ** 2).sum()))
-    return np.array(kernels)
+                r, c = g * u ** j, g * u ** i      # y to the power j, x to the power i
+                scale = ((r ** 2).sum() * (c ** 2).sum()) ** 0.25   # the outer product's norm
+                rows.append(r / scale)
+                columns.append(c / scale)
+    return np.array(rows), np.array(columns)
+
+
+def alard_lupton_basis(size: int = KERNEL_SIZE) -> np.ndarray:
+    """The basis kernels [n, size, size], each of unit L2 norm for a well-conditioned fit."""
+    rows, columns = alard_lupton_factors(size)
+    return np.einsum("ny,nx->nyx", rows, columns)
+
+
+def convolve_basis(stamps: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Stamps [s, m, m] convolved with every separable basis kernel, 'valid' part: [s, n, p, p]
+    with p = m - size + 1. Two 1-D passes: a tenth of the 2-D FFTs' cost."""
+    windows = np.lib.stride_tricks.sliding_window_view(stamps, rows.shape[1], axis=2)
+    along_x = np.tensordot(windows, columns[:, ::-1], axes=([3], [1])).transpose(0, 3, 1, 2)
+    windows = np.lib.stride_tricks.sliding_window_view(along_x, rows.shape[1], axis=2)
+    return np.einsum("snyxa,na->snyx", windows, rows[:, ::-1])
 
 
 @dataclass
@@ -119,7 +137,8 @@ def fit_matching_kernel(science: np.ndarray, template: np.ndarray, variance: np.
     not subtract (variables, movers, blends): per-stamp normal equations are kept, so each
     iteration is a re-sum and a solve. All arrays are on the science grid padded by `pad`;
     (x, y) are science pixels."""
-    basis = alard_lupton_basis()
+    profiles = alard_lupton_factors()
+    basis = np.einsum("ny,nx->nyx", *profiles)
     hk = basis.shape[1] // 2
     outer = stamp_half + hk
     ny, nx = science.shape
@@ -143,18 +162,28 @@ def fit_matching_kernel(science: np.ndarray, template: np.ndarray, variance: np.
     normal, vector, data2, npix = [], [], [], []
     for start in range(0, len(ix), 50):
         sl = slice(start, start + 50)
-        conv = fftconvolve(_cutouts(template, ix[sl], iy[sl], outer)[:, None], basis[None],
-                           mode="valid", axes=(2, 3))                  # [s, nb, p, p]
+        conv = convolve_basis(_cutouts(template, ix[sl], iy[sl], outer), *profiles)
         s = conv.shape[0]
-        columns = (spatial[:, sl, None, None, None] * conv[None]).transpose(1, 0, 2, 3, 4)
-        columns = columns.reshape(s, n_sp * nb, -1)
-        bg = np.broadcast_to(np.array(poly_terms(pix_x[sl], pix_y[sl], bg_order)),
-                             (len(poly_terms(0, 0, bg_order)), s, len(offs), len(offs)))
-        design = np.concatenate([columns, bg.transpose(1, 0, 2, 3).reshape(s, bg.shape[0], -1)], 1)
+        conv = conv.reshape(s, nb, -1)                                  # [s, nb, pixels]
+        bg = np.array(poly_terms(pix_x[sl], pix_y[sl], bg_order)).reshape(-1, s, conv.shape[2])
+        bg = np.broadcast_to(bg, (len(poly_terms(0, 0, bg_order)), s, conv.shape[2]))
+        bg = bg.transpose(1, 0, 2)                                      # [s, n_bg, pixels]
         sci = _cutouts(science, ix[sl], iy[sl], stamp_half).reshape(s, -1)
         w = 1.0 / _cutouts(variance, ix[sl], iy[sl], stamp_half).reshape(s, -1)
-        normal.append(np.einsum("spk,sqk->spq", design * w[:, None], design))
-        vector.append(np.einsum("spk,sk->sp", design * w[:, None], sci))
+        # the design of a stamp is (spatial terms at its centre) x (convolved basis), then the
+        # background terms: its normal equations are the basis's small Gram matrix expanded
+        # by the spatial terms (a tenth of the products of the whole design)
+        sp = spatial[:, sl].T                                           # [s, n_sp]
+        cw, bw = conv * w[:, None], bg * w[:, None]
+        gram, cross = cw @ conv.transpose(0, 2, 1), cw @ bg.transpose(0, 2, 1)
+        top = np.concatenate([np.einsum("sp,sq,snm->spnqm", sp, sp, gram).reshape(
+            s, n_sp * nb, n_sp * nb), np.einsum("sp,snb->spnb", sp, cross).reshape(
+            s, n_sp * nb, -1)], 2)
+        bottom = np.concatenate([top[:, :, n_sp * nb:].transpose(0, 2, 1),
+                                 bw @ bg.transpose(0, 2, 1)], 2)
+        normal.append(np.concatenate([top, bottom], 1))
+        vector.append(np.concatenate([np.einsum("sp,sn->spn", sp, (cw @ sci[:, :, None])[..., 0])
+                                      .reshape(s, -1), (bw @ sci[:, :, None])[..., 0]], 1))
         data2.append((w * sci ** 2).sum(axis=1))
         npix.append(np.full(s, sci.shape[1]))
     normal, vector = np.concatenate(normal), np.concatenate(vector)
