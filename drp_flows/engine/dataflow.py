@@ -33,7 +33,7 @@ from drp_flows.engine.quanta import Quantum, QuantumResult, StepFunction, ordere
 from drp_flows.sites.storage import Storage
 
 FLUSH_SECONDS = 30.0   # finished quanta wait at most this long to be registered
-READY_SECONDS = 2.0    # ... and at most this long when a visit or tract waits on them
+READY_SECONDS = 0.5    # ... and at most this long when a visit or tract waits on them
 
 Planner = Callable[[list[int]], tuple[list[Quantum], int, list[dict]]]
 T = TypeVar("T")
@@ -141,9 +141,14 @@ class FlowStep:
 
 
 def priority(index: int, pool: str) -> int:
-    """Later steps first (they are on the critical path and free what the earlier made),
-    long quanta first within a step (longest processing time first keeps the cores busy)."""
-    return 10 * index + (5 if pool == "long" else 0)
+    """Short quanta of later steps first (a visit's data flows on: its consolidation as soon
+    as its CCDs are done), long quanta after the short work that waits. Long quanta first
+    looked right (longest processing time first), but then a long quantum takes a core as
+    soon as its visit is ready, for hours, while the short quanta that make the other visits
+    ready wait behind it: the cores drain one by one into long quanta and the last visits'
+    long quanta start late (bench/scale.py, one pool: 1.13x the lower bound, 88% busy). A
+    site with a long_cluster runs them on their own pool anyway."""
+    return 10 * index - (10 ** 6 if pool == "long" else 0)
 
 
 class GroupFlow:

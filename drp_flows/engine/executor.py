@@ -6,8 +6,9 @@ in the scheduler. A task is one quantum, or a cluster of a step's quanta that ar
 cluster holds about CLUSTER_SECONDS of their measured mean duration, at most MAX_CLUSTER):
 Dask spends a few milliseconds on every task, which tiny quanta would otherwise pay each.
 Quanta of several steps can wait at once (engine/dataflow.py adds a step's quanta
-while the step before it still runs): the window takes the highest priority first (a later
-step, a long quantum), and in the order given within one priority. Each quantum asks for its
+while the step before it still runs): the window takes the highest priority first (a short
+quantum of a later step; engine/dataflow.py's `priority`), and in the order given within
+one priority. Each quantum asks for its
 memory as the Dask resource MEMORY that the workers advertise (sites/clusters.py), on the pool
 of its label's class (short or long), or on the other pool when only that one has workers big
 enough.
