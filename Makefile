@@ -17,7 +17,8 @@ $(UV):
 	$(TOOLS)/bin/pip install -q uv==$(UV_VERSION)
 
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --extra test --python $(PYTHON)
+	$(UV) sync --frozen --extra test --python $(PYTHON) --compile-bytecode
+	$(VENV)/bin/python -m compileall -q drp_flows
 	touch $@
 
 env: $(VENV)/.synced

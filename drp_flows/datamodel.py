@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drp_flows.tasks.camera import INSTRUMENT
-from drp_flows.tasks.property_maps import MAPS as PROPERTY_MAPS
+
+# the survey property maps (healSparsePropertyMaps), as Rubin names them: deep_coadd_<name>
+PROPERTY_MAPS = ("n_exposure_map_sum", "exposure_time_map_sum", "psf_size_map_weighted_mean",
+                 "psf_maglim_map_weighted_mean")
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,12 @@ import hpgeom
 import numpy as np
 from astropy.wcs import WCS
 
+from drp_flows.datamodel import PROPERTY_MAPS
 from drp_flows.tasks.coadd import NJY_MAG0, njy_scale
 from drp_flows.tasks.psf import moffat_stamps
 
 NSIDE = 32768
 NSIDE_COVERAGE = 32
-MAPS = ("n_exposure_map_sum", "exposure_time_map_sum", "psf_size_map_weighted_mean",
-        "psf_maglim_map_weighted_mean")
-
 
 @dataclass
 class CcdInput:
@@ -63,7 +61,7 @@ def property_maps(ccds: list[CcdInput], in_tract) -> dict[str, hsp.HealSparseMap
         for column, value in ((count, 1.0), (exptime, ccd.exposure_time), (w, weight),
                               (w_fwhm, weight * ccd.psf_fwhm), (w_area, weight * psf_area(ccd.psf_fwhm))):
             column.append(np.full(p.size, value))
-    maps = {name: hsp.HealSparseMap.make_empty(NSIDE_COVERAGE, NSIDE, np.float64) for name in MAPS}
+    maps = {name: hsp.HealSparseMap.make_empty(NSIDE_COVERAGE, NSIDE, np.float64) for name in PROPERTY_MAPS}
     if not pix:
         return maps
     pixels, index = np.unique(np.concatenate(pix), return_inverse=True)

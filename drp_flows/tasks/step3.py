@@ -12,6 +12,7 @@ from astropy.table import vstack
 from astropy.wcs import WCS
 from lsst.sphgeom import ConvexPolygon
 
+from drp_flows import datamodel
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import PIXEL_SCALE
@@ -19,7 +20,7 @@ from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.coadd import CoaddAccumulator, njy_scale, warp
 from drp_flows.tasks.images import Exposure, read_fits
 from drp_flows.tasks.objects import measure_objects
-from drp_flows.tasks.property_maps import MAPS, CcdInput, map_bytes, property_maps
+from drp_flows.tasks.property_maps import CcdInput, map_bytes, property_maps
 from drp_flows.tasks.skymap import MiniSkymap, header_wcs, inset_polygon, tangent_wcs
 
 ASSEMBLE_COADD = "assembleCoadd"
@@ -27,7 +28,7 @@ PROPERTY_MAPS = "healSparsePropertyMaps"
 WRITE_OBJECT_TABLE = "writeObjectTable"       # detect, merge, measure, forced photometry per patch
 CONSOLIDATE_OBJECT_TABLE = "consolidateObjectTable"
 SLIVER_PIXELS = 3        # a CCD overlapping a patch by less than this is not one of its inputs
-MAP_TYPES = tuple(f"deep_coadd_{name}" for name in MAPS)
+MAP_TYPES = tuple(f"deep_coadd_{name}" for name in datamodel.PROPERTY_MAPS)
 
 
 def warp_region(ccd: ConvexPolygon) -> ConvexPolygon:

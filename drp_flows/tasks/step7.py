@@ -11,16 +11,17 @@ import hpgeom
 import numpy as np
 from astropy.table import Table
 
+from drp_flows.datamodel import PROPERTY_MAPS
 from drp_flows.engine.quanta import OutputWriter, Quantum
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import table_bytes
-from drp_flows.tasks.property_maps import MAPS, NSIDE, NSIDE_COVERAGE, map_bytes, read_map
+from drp_flows.tasks.property_maps import NSIDE, NSIDE_COVERAGE, map_bytes, read_map
 
 CONSOLIDATE_MAPS = "consolidateHealSparsePropertyMaps"
 PLOT_MAPS = "plotPropertyMapSurvey"
 # per-tract map -> its survey-wide consolidation, as Rubin names them
 CONSOLIDATED = {f"deep_coadd_{m}": f"deep_coadd_{m.replace('_map_', '_consolidated_map_')}"
-                for m in MAPS}
+                for m in PROPERTY_MAPS}
 SURVEY_PLOT = "deep_coadd_property_map_survey_plot"
 METRICS = "property_map_metrics"
 LABELS = {"n_exposure": "number of exposures", "exposure_time": "exposure time (s)",
