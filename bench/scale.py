@@ -166,7 +166,9 @@ def throughput(pool: Pool, butler: Butler, storage: Storage, n: int, group: int)
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cores", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=8, help="processes sharing the cores")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes sharing the emulated cores (each process costs real CPU "
+                             "even idle: 8 of them take a real core of this machine's two)")
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--visits", type=int, default=32, help="per group")
     parser.add_argument("--long-every", type=int, default=2)

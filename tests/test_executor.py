@@ -150,3 +150,35 @@ def test_watchdog_fails_a_pool_that_cannot_finish(tmp_path, caplog, fault):
     assert 4 <= elapsed < 30, elapsed
     assert any(what in r.message and "the group fails at 4 s" in r.message
                for r in caplog.records), [r.message for r in caplog.records]
+
+
+def test_groups_on_one_pool_keep_each_others_priorities(tmp_path):
+    """Two groups run at once on one pool (a stage's window): one has only long quanta, the
+    other short ones, which come first. The long group may fill threads that would idle, but
+    takes no place a waiting short quantum could have, so every short quantum starts before
+    the third long one (the long ones starting first drained the cores of the scale bench)."""
+    import threading
+
+    cfg = ClusterConfig(kind="local", jobs=1, threads_per_worker=2)
+    storage = Storage(f"file://{tmp_path}")
+    long_quanta = [Quantum("long", {"visit": 1, "detector": d},
+                           outputs={"thing": storage.join("long", f"{d}.txt")}) for d in range(6)]
+    short_quanta = [Quantum("short", {"visit": 2, "detector": d},
+                            outputs={"thing": storage.join("short", f"{d}.txt")})
+                    for d in range(6)]
+    with running_cluster(cfg) as address, \
+            Executor("shared", {"short": executor_pool("short", address, cfg)}) as executor:
+        slow = executor.session("slow")
+        slow.add(greedy, storage, {"hold": 0.4}, long_quanta, memory=10**8, priority=-10**6)
+        quick = executor.session("quick")
+        quick.add(greedy, storage, {"hold": 0.1}, short_quanta, memory=10**8)
+        results: dict[str, list] = {}
+        threads = [threading.Thread(target=lambda r=run, k=key: results.setdefault(k, r.until_done()))
+                   for key, run in (("slow", slow), ("quick", quick))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    started = {key: sorted(r.started for r in got) for key, got in results.items()}
+    assert len(started["slow"]) == len(started["quick"]) == 6
+    assert started["quick"][-1] < started["slow"][2], started

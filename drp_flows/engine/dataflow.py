@@ -254,7 +254,7 @@ class GroupFlow:
         if not self.unregistered or self.writing:
             return
         waited = time.monotonic() - self.flushed
-        ready = any(s.finished for s in self.steps)
+        ready = any(s.finished for s in self.steps[:-1])     # keys a next step waits for
         if (idle or self.unregistered >= self.batch_size or waited > FLUSH_SECONDS
                 or (ready and waited > READY_SECONDS)):
             keys = [(i, step.finished) for i, step in enumerate(self.steps) if step.finished]

@@ -34,6 +34,7 @@ import heapq
 import itertools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -74,6 +75,42 @@ def execute_again(step: StepFunction, storage: Storage, config: dict,
     sync(worker.loop, worker.scheduler.log_event, topic=STARTED_EVENTS,
          msg={"key": worker.get_current_task(), "worker": worker.address})
     return execute_quantum(step, storage, config, quantum)
+
+
+class _Share:
+    """A pool's window as every run of this process sees it. The concurrent groups of a stage
+    each run their own quanta, on the same workers: one window for all of them, and a place
+    in it goes to the run whose best waiting quantum comes first (a short quantum of one
+    group before a long one of another), so that priorities hold across groups as within
+    one."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.flying = 0                                # Dask tasks of every run in flight
+        self.heads: dict[int, tuple] = {}              # run -> rank of its best waiting quantum
+
+    def take(self, run: int, head: tuple | None, window: int) -> tuple[int, tuple | None]:
+        """Places free in the window, and the best rank of the other runs' waiting quanta."""
+        with self.lock:
+            if head is None:
+                self.heads.pop(run, None)
+            else:
+                self.heads[run] = head
+            others = min((r for k, r in self.heads.items() if k != run), default=None)
+            return window - self.flying, others
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.flying += n
+
+
+_shares: dict[str, _Share] = {}
+_shares_lock = threading.Lock()
+
+
+def shared_window(address: str) -> _Share:
+    with _shares_lock:
+        return _shares.setdefault(address, _Share())
 
 
 class ClusterLost(RuntimeError):
@@ -221,6 +258,9 @@ class QuantumRun:
                partial(execute_again, step, storage, config))
         for q in quanta:
             self.queue(_Attempt(q, memory, fns, priority), pool)
+        for name, waiting in self.pending.items():     # the other runs know it waits now
+            if waiting:
+                shared_window(self.ex.pools[name].address).take(id(self), waiting[0][0], 0)
 
     def busy(self) -> bool:
         return bool(any(self.pending.values()) or self.in_flight or self.deciding)
@@ -249,11 +289,17 @@ class QuantumRun:
                     finished.append(self.done.get())
                 fetched = self.fetch(finished)
                 for future in finished:
-                    self.collect(future, self.in_flight.pop(future), fetched.get(future))
+                    cluster = self.in_flight.pop(future)
+                    shared_window(self.ex.pools[cluster[0].pool].address).add(-1)
+                    self.collect(future, cluster, fetched.get(future))
                 self.decide()
         finally:
-            for future in self.in_flight:
+            for future, cluster in self.in_flight.items():
                 future.cancel()
+                shared_window(self.ex.pools[cluster[0].pool].address).add(-1)
+            self.in_flight.clear()
+            for pool in self.pending:
+                shared_window(self.ex.pools[pool].address).take(id(self), None, 0)
         return self.results
 
     def finish(self, result: QuantumResult) -> None:
@@ -294,17 +340,19 @@ class QuantumRun:
         return max(1, min(size, MAX_CLUSTER, share))
 
     def refill(self) -> None:
-        """Submit waiting quanta, in their order, while their pool's window has room; a quantum
-        submitted again goes alone."""
-        flying = dict.fromkeys(self.pending, 0)
-        for cluster in self.in_flight.values():
-            flying[cluster[0].pool] += 1
+        """Submit waiting quanta, in their order, while their pool's window (shared with the
+        process's other runs on it) has room and no other run waits with a better quantum;
+        a quantum submitted again goes alone."""
         for pool, waiting in self.pending.items():
             window = 2 * max(self.watch[pool].threads, 1)
-            room, share = window - flying[pool], len(waiting) // window
+            shared = shared_window(self.ex.pools[pool].address)
+            room, others = shared.take(id(self), waiting[0][0] if waiting else None, window)
+            share = len(waiting) // window
             by_kind: dict[tuple, list[list[_Attempt]]] = {}
             sizes: dict[str, int] = {}
-            while waiting:
+            # another run's better quantum waits: leave it the places, unless fewer tasks are
+            # in flight than the pool has threads (none idles for a run busy planning)
+            while waiting and (others is None or waiting[0][0] <= others or 2 * room > window):
                 attempt = waiting[0][-1]
                 again = attempt.tries > 0
                 step = attempt.quantum.step
@@ -329,6 +377,7 @@ class QuantumRun:
                     retries=self.ex.policy.retries,
                     key=[f"{c[0].quantum.key}-{self.token}-{c[0].tries}-{len(c)}"
                          for c in clusters])
+                shared.add(len(clusters))
                 for future, cluster in zip(futures, clusters, strict=True):
                     self.in_flight[future] = cluster
                     future.add_done_callback(self.done.put)
