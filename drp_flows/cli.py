@@ -65,8 +65,10 @@ def heartbeat(describe: Callable[[], str]):
 
 
 def progress_line(rows: list[dict]) -> str:
-    """Per site, its latest stage: the step running (or last run), quanta finished of the
-    total and how many failed, e.g. `usdf stage1 calibrateImage 45/72, 0 failed`."""
+    """Per site, its latest stage: each step running there (or the last one run) with its
+    quanta finished of its total, and how many of the stage's failed, e.g. `usdf stage1
+    calibrateImage 45/72 consolidateVisitSummary 3/8, 0 failed`. Steps follow the data, so
+    several run at once; each is counted over the stage's groups."""
     from drp_flows.flows.stages import STAGES
 
     order = list(STAGES)
@@ -78,11 +80,14 @@ def progress_line(rows: list[dict]) -> str:
     for site, stage in latest.items():
         mine = [r for r in rows if r["site"] == site and r["stage"] == stage]
         started = [r for r in mine if r["state"] != "waiting"]
-        running = [r for r in started if r["state"] == "running"]
-        step = (running or started or mine)[-1]["step"]
-        finished = sum(r["done"] + r["skipped"] for r in mine)
-        parts.append(f"{site} {stage} {step} {finished}/{sum(r['total'] for r in mine)}, "
-                     f"{sum(r['failed'] for r in mine)} failed")
+        running = [r["step"] for r in started if r["state"] == "running"]
+        shown = running or [(started or mine)[-1]["step"]]
+        steps = []
+        for step in dict.fromkeys(r["step"] for r in mine if r["step"] in shown):
+            of = [r for r in mine if r["step"] == step]
+            steps.append(f"{step} {sum(r['done'] + r['skipped'] for r in of)}/"
+                         f"{sum(r['total'] for r in of)}")
+        parts.append(f"{site} {stage} {' '.join(steps)}, {sum(r['failed'] for r in mine)} failed")
     return "progress: " + ("; ".join(parts) if parts else "starting (no stage has begun)")
 
 

@@ -18,7 +18,17 @@ def test_progress_line_shows_each_sites_latest_stage():
             row("frdf", "stage1", "consolidateVisitSummary", "failed", 8, 7, 0, 1),
             row("frdf", "stage1", "isolatedStarAssociation", "waiting")]
     assert progress_line(rows) == ("progress: usdf global fgcmFitCycle 0/1, 0 failed; "
-                                   "frdf stage1 consolidateVisitSummary 79/80, 1 failed")
+                                   "frdf stage1 consolidateVisitSummary 7/8, 1 failed")
+
+
+def test_progress_line_counts_each_running_step_over_the_groups():
+    rows = [row("usdf", "stage1", "calibrateImage", "done", 72, 72),
+            row("usdf", "stage1", "consolidateVisitSummary", "running", 8, 5),
+            row("usdf", "stage1", "calibrateImage", "running", 72, 30, 2),
+            row("usdf", "stage1", "consolidateVisitSummary", "running", 8, 1, 0, 1),
+            row("usdf", "stage1", "isolatedStarAssociation", "waiting")]
+    assert progress_line(rows) == ("progress: usdf stage1 calibrateImage 104/144 "
+                                   "consolidateVisitSummary 6/16, 1 failed")
 
 
 def test_progress_line_before_any_stage():
