@@ -146,7 +146,7 @@ def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
                       "this one's memory requests")] = ""):
     """Run a campaign over the sites (QA against truth when --survey is given); a re-run
     resumes it, skipping every finished quantum. In a terminal, a bar per site and stage
-    follows the quanta as they finish."""
+    follows the quanta as they finish. Exits 1 when a quantum was quarantined."""
     from drp_flows.flows.campaign import campaign_flow
 
     _data_dir(data)
@@ -158,6 +158,11 @@ def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
                                survey=str(survey.resolve()) if survey else None, rescue=rescue,
                                memory_from=memory_from)
     print_summary(result, time.perf_counter() - start)
+    if result["quarantined"]:
+        # the rest of the campaign went on, but a script or scheduler must see it is not whole
+        console.print(f"[red]{len(result['quarantined'])} quanta failed and were quarantined[/]:"
+                      f" `drp rescue {name}` runs them again once their input is fixed")
+        raise typer.Exit(1)
 
 
 @app.command("rescue")

@@ -312,9 +312,19 @@ def test_global_calibration_moved_and_applied(result, sites_file):
 
 @pytest.mark.changes_campaign
 def test_rerun_skips_finished_quanta(campaign):
-    from drp_flows.flows.campaign import campaign_flow
+    """`drp campaign` again: everything finished is skipped, the quarantined CCD is tried
+    again, fails again, and the command exits 1 saying so."""
+    from typer.testing import CliRunner
 
-    again = campaign_flow(campaign.in_process, CAMPAIGN, **GROUPS)
+    from drp_flows.cli import app
+    from drp_flows.flows.campaign import read_summary
+
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in GROUPS.items()]
+    out = CliRunner().invoke(app, ["campaign", CAMPAIGN, "--sites", campaign.in_process, *options])
+    assert out.exit_code == 1, out.output
+    assert "1 quanta failed and were quarantined" in " ".join(out.output.split())
+    sites = load_sites(campaign.in_process)
+    again = read_summary(sites[sites.campaign_site], CAMPAIGN)
     assert all(t["datasets"] == 0 for t in again["transfers"])   # everything already there
     retried = [r for r in again["progress"] if r["failed"]]
     # only the quarantined CCD is tried again (and fails again)
