@@ -27,12 +27,12 @@ COPIED = ("exposure", "visit", "visit_definition", "visit_system_membership",
           "visit_detector_region")
 
 
-def small_site(root: Path, survey: dict = SMALL) -> str:
+def small_site(root: Path, config: dict = SMALL) -> str:
     """A one-site file over every tract of a tiny simulated survey, set up; its path."""
     from drp_flows.flows.setup import setup_flow
     from drp_flows.validation.simulate import SurveyConfig, simulate_survey
 
-    survey = simulate_survey(SurveyConfig(**survey), root / "survey")
+    survey = simulate_survey(SurveyConfig(**config), root / "survey")
     site_file = root / "sites.yaml"
     site_file.write_text("campaign_site: big\nsites:\n  big:\n"
                          "    cluster: {kind: local, jobs: 1}\n"

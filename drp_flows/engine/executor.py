@@ -89,13 +89,18 @@ class _Share:
         self.flying = 0                                # Dask tasks of every run in flight
         self.heads: dict[int, tuple] = {}              # run -> rank of its best waiting quantum
 
-    def take(self, run: int, head: tuple | None, window: int) -> tuple[int, tuple | None]:
-        """Places free in the window, and the best rank of the other runs' waiting quanta."""
+    def wait(self, run: int, head: tuple | None) -> None:
+        """A run's best waiting quantum (None: it waits for nothing on this pool)."""
         with self.lock:
             if head is None:
                 self.heads.pop(run, None)
             else:
                 self.heads[run] = head
+
+    def take(self, run: int, head: tuple | None, window: int) -> tuple[int, tuple | None]:
+        """Places free in the window, and the best rank of the other runs' waiting quanta."""
+        self.wait(run, head)
+        with self.lock:
             others = min((r for k, r in self.heads.items() if k != run), default=None)
             return window - self.flying, others
 
@@ -260,7 +265,11 @@ class QuantumRun:
             self.queue(_Attempt(q, memory, fns, priority), pool)
         for name, waiting in self.pending.items():     # the other runs know it waits now
             if waiting:
-                shared_window(self.ex.pools[name].address).take(id(self), waiting[0][0], 0)
+                self.share(name).wait(id(self), waiting[0][0])
+
+    def share(self, pool: str) -> _Share:
+        """The window of a pool, shared with the process's other runs on its cluster."""
+        return shared_window(self.ex.pools[pool].address)
 
     def busy(self) -> bool:
         return bool(any(self.pending.values()) or self.in_flight or self.deciding)
@@ -290,16 +299,16 @@ class QuantumRun:
                 fetched = self.fetch(finished)
                 for future in finished:
                     cluster = self.in_flight.pop(future)
-                    shared_window(self.ex.pools[cluster[0].pool].address).add(-1)
+                    self.share(cluster[0].pool).add(-1)
                     self.collect(future, cluster, fetched.get(future))
                 self.decide()
         finally:
             for future, cluster in self.in_flight.items():
                 future.cancel()
-                shared_window(self.ex.pools[cluster[0].pool].address).add(-1)
+                self.share(cluster[0].pool).add(-1)
             self.in_flight.clear()
             for pool in self.pending:
-                shared_window(self.ex.pools[pool].address).take(id(self), None, 0)
+                self.share(pool).wait(id(self), None)
         return self.results
 
     def finish(self, result: QuantumResult) -> None:
@@ -345,7 +354,7 @@ class QuantumRun:
         a quantum submitted again goes alone."""
         for pool, waiting in self.pending.items():
             window = 2 * max(self.watch[pool].threads, 1)
-            shared = shared_window(self.ex.pools[pool].address)
+            shared = self.share(pool)
             room, others = shared.take(id(self), waiting[0][0] if waiting else None, window)
             share = len(waiting) // window
             by_kind: dict[tuple, list[list[_Attempt]]] = {}
