@@ -112,3 +112,43 @@ def test_bulk_uris_are_the_butlers(big_site):
         "flat", collections="ComCamSim/calib/run"))[:5]
     assert dataset_uris(butler, site.store, sample) == [
         dataset_uri(butler, site.store, r) for r in sample]
+
+
+def test_a_calibration_is_the_one_valid_when_the_visit_was_taken(big_site, tmp_path):
+    """Two flats certified for one detector and filter, the second from the middle of the
+    survey on: each visit's quanta get the one valid at its exposure's time."""
+    from lsst.daf.butler import DatasetRef, FileDataset, Timespan
+
+    from drp_flows.datamodel import CALIB_COLLECTION, CALIB_RUN
+    from drp_flows.engine.planning import dataset_uri
+    from drp_flows.sites.butler import formatter_for
+
+    site = load_sites(big_site)["big"]
+    butler = open_butler(site, writeable=True)
+    old = next(r for r in butler.registry.queryDatasets("flat", collections=CALIB_RUN)
+               if r.dataId["detector"] == 0)
+    physical_filter = old.dataId["physical_filter"]
+    exposures = sorted((r.timespan.begin, int(r.id)) for r in butler.registry
+                       .queryDimensionRecords("exposure", instrument=INSTRUMENT,
+                                              physical_filter=physical_filter))
+    change = exposures[len(exposures) // 2][0]
+    butler.registry.registerRun("newflats")
+    new = DatasetRef(old.datasetType, old.dataId, run="newflats")
+    copy = tmp_path / "new_flat.fits"
+    copy.write_bytes(butler.getURI(old).read())
+    butler.ingest(FileDataset(path=str(copy), refs=[new],
+                              formatter=formatter_for("FitsHDUList")), transfer="direct")
+    butler.registry.decertify(CALIB_COLLECTION, "flat", Timespan(None, None),
+                              dataIds=[old.dataId])
+    butler.registry.certify(CALIB_COLLECTION, [old], Timespan(None, change))
+    butler.registry.certify(CALIB_COLLECTION, [new], Timespan(change, None))
+
+    quanta, _, blocked = LABELS[step1.CALIBRATE].plan(
+        butler, site.store, "run", [v for _, v in exposures], [campaign_collection(CAMPAIGN)])
+    flats = {q.data_id["visit"]: q.inputs["flat"] for q in quanta if q.data_id["detector"] == 0}
+    assert not blocked and len(flats) == len(exposures)
+    assert dataset_uri(butler, site.store, old) != dataset_uri(butler, site.store, new)
+    assert {flats[v] for begin, v in exposures if begin < change} == {
+        dataset_uri(butler, site.store, old)}
+    assert {flats[v] for begin, v in exposures if begin >= change} == {
+        dataset_uri(butler, site.store, new)}

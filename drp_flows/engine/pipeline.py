@@ -14,8 +14,8 @@ and skymap; a raw's exposure counts as its visit, one exposure per visit):
   an inset for instance);
 - OF_DRIVER: for each dataset of the first input, the one of its data ID (the visit summary of
   every overlapping CCD's visit);
-- CALIBRATION: the certified dataset of the quantum's detector (and filter) valid when its
-  exposure was taken.
+- CALIBRATION: the certified dataset of the quantum's detector (and its visit's filter) valid
+  when the visit's exposure was taken.
 
 The first input drives: a label's quanta are the data IDs where it has datasets (a label
 without dimensions has its one quantum). A quantum whose outputs are all registered is
@@ -37,7 +37,7 @@ from drp_flows.engine.planning import (
     dataset_uris,
     done_quanta,
     existing_collections,
-    output_uri,
+    output_path,
     within,
 )
 from drp_flows.engine.quanta import Quantum, StepFunction
@@ -98,6 +98,9 @@ class Label:
         if any(i.relation in (OF_DRIVER, CALIBRATION) for i in self.inputs[:1]):
             raise ValueError(f"label {self.name}: its first input cannot be "
                              f"{self.inputs[0].relation!r}")
+        if any(i.relation == CALIBRATION for i in self.inputs) and "visit" not in self.dimensions:
+            raise ValueError(f"label {self.name}: a calibration input needs quanta of a visit "
+                             "(its exposure says when and through which filter)")
         for i in self.inputs:
             dims = set(dims_of(i.dataset_type))
             if (i.relation == SAME and not dims <= set(self.dimensions)) or \
@@ -170,7 +173,7 @@ class _Planning:
         self.key_dim = SCOPES[label.scope]
         self.ids = sorted(set(ids)) if self.key_dim else []
         self.dims = label.dimensions
-        self.implied: dict[Key, dict] = {}     # a quantum's full data ID, from its driver
+        self.visits: dict[int, dict] | None = None     # CALIBRATION: each visit's values
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -286,6 +289,7 @@ class _Planning:
         for inp in label.inputs:
             if inp.key not in inputs:
                 inputs[inp.key] = self.resolve(inp, todo, inputs)
+        folders = {o: self.storage.join("repo", run, o) for o in label.outputs}
         quanta, blocked = [], []
         for k in todo:
             data_id = data_ids[k]
@@ -310,7 +314,7 @@ class _Planning:
                 if found is None:
                     continue
             quanta.append(Quantum(label.name, data_id, found,
-                                  {o: output_uri(self.storage, run, o, data_id)
+                                  {o: f"{folders[o]}/{output_path(o, data_id)}"
                                    for o in label.outputs}))
         return quanta, skipped, blocked
 
@@ -321,13 +325,8 @@ class _Planning:
         if inp.relation == SAME:
             if qkeys is None:
                 idims = dims_of(inp.dataset_type)
-                out = {}
-                for ikey, hit in self.find(inp.dataset_type,
-                                           self.restriction(inp.dataset_type)).items():
-                    k = self.project(ikey, idims, self.dims)
-                    self.implied[k] = hit[0].dataId
-                    out[k] = [hit]
-                return out
+                return {self.project(ikey, idims, self.dims): [hit] for ikey, hit in
+                        self.find(inp.dataset_type, self.restriction(inp.dataset_type)).items()}
             return self.same(inp, qkeys)
         if inp.relation == EACH:
             return self.each(inp, qkeys)
@@ -335,7 +334,7 @@ class _Planning:
             return self.overlap(inp, qkeys)
         if inp.relation == OF_DRIVER:
             return self.of_driver(inp, qkeys, inputs[self.label.inputs[0].key])
-        return self.calibration(inp, qkeys)
+        return self.calibration(inp, qkeys, inputs[self.label.inputs[0].key])
 
     def of_driver(self, inp: Input, qkeys: list[Key], driver: dict[Key, list]) -> dict[Key, list]:
         """For each of a quantum's driving datasets, the dataset of its data ID; all or none."""
@@ -348,10 +347,10 @@ class _Planning:
         return {k: [found[w] for w in ws] for k, ws in wanted.items()
                 if all(w in found for w in ws)}
 
-    def calibration(self, inp: Input, qkeys: list[Key]) -> dict[Key, list]:
-        """The certified dataset of each quantum's detector (and physical filter) valid at
-        its exposure: one query of the calibration collection per dataset type, validity
-        ranges compared only where a detector has more than one."""
+    def calibration(self, inp: Input, qkeys: list[Key], driver: dict[Key, list]) -> dict[Key, list]:
+        """The certified dataset of each quantum's detector (and its visit's physical filter)
+        valid at its visit's exposure: one query of the calibration collection per dataset
+        type; the exposures' timespans queried only where a detector has more than one."""
         idims = dims_of(inp.dataset_type)
         certified: dict[Key, list] = {}
         for a in self.registry.queryDatasetAssociations(inp.dataset_type,
@@ -360,19 +359,31 @@ class _Planning:
         refs = [a.ref for found in certified.values() for a in found]
         uris = dict(zip([r.id for r in refs], dataset_uris(self.butler, self.storage, refs),
                         strict=True))
+        visit = self.dims.index("visit")
+        if self.visits is None:     # a visit's values, from its first driving data ID
+            self.visits = {}
+            for k in qkeys:
+                if k[visit] not in self.visits:
+                    self.visits[k[visit]] = dict(driver[k][0][0].dataId.mapping)
+        # a quantum's calibration key: its own values, else its visit's
+        getters = [(True, self.dims.index(d)) if d in self.dims else (False, d) for d in idims]
+        single = {c: [(found[0].ref, uris[found[0].ref.id])] for c, found in certified.items()
+                  if len(found) == 1}
         timespans: dict[int, object] = {}
         out = {}
         for k in qkeys:
-            full = self.implied[k]
-            found = certified.get(tuple(full[d] for d in idims), [])
+            values = self.visits[k[visit]]
+            ckey = tuple(k[i] if own else values[i] for own, i in getters)
+            if ckey in single:
+                out[k] = single[ckey]
+                continue
+            found = certified.get(ckey, [])
             if len(found) > 1:
-                exposure = int(full["exposure"])
                 if not timespans:
                     timespans.update({int(r.id): r.timespan for r in self.registry
                                       .queryDimensionRecords("exposure", **within(
-                                          "exposure", [int(self.implied[q]["exposure"])
-                                                       for q in qkeys]))})
-                found = [a for a in found if a.timespan.overlaps(timespans[exposure])]
-            if len(found) == 1:
-                out[k] = [(found[0].ref, uris[found[0].ref.id])]
+                                          "exposure", self.visits))})
+                found = [a for a in found if a.timespan.overlaps(timespans[k[visit]])]
+                if len(found) == 1:
+                    out[k] = [(found[0].ref, uris[found[0].ref.id])]
         return out

@@ -45,12 +45,12 @@ def group_range(run: str) -> tuple[str, int, int] | None:
     return ("tract" if parts[2].startswith(TRACT_GROUP) else "visit"), int(ids[0]), int(ids[-1])
 
 
-def output_uri(storage: Storage, run: str, dataset_type: str, data_id: dict) -> str:
-    """Where a quantum writes an output: <datastore>/<run>/<type>/<visit>/<type>_<ids>.<ext>."""
+def output_path(dataset_type: str, data_id: dict) -> str:
+    """Where a quantum writes an output, within its RUN's folder for the dataset type
+    (<datastore>/<run>/<type>/): <visit or tract>/<type>_<instrument>_<ids>.<ext>."""
     name = "_".join([dataset_type, INSTRUMENT] + [str(data_id[k]) for k in sorted(data_id)])
     folder = [str(data_id[k]) for k in ("visit", "tract") if k in data_id][:1]
-    return storage.join("repo", run, dataset_type, *folder,
-                        name + DATASET_TYPES[dataset_type].extension)
+    return "/".join([*folder, name + DATASET_TYPES[dataset_type].extension])
 
 
 def dataset_uri(butler: Butler, storage: Storage, ref) -> str:
@@ -73,14 +73,15 @@ def dataset_uris(butler: Butler, storage: Storage, refs: list[DatasetRef]) -> li
         found = datastore.getManyURIs(refs)
         return [storage.from_butler_uri(found[ref].primaryURI) for ref in refs]
     root = storage.from_butler_uri(str(datastore.root)).rstrip("/")
-    paths = {row["dataset_id"]: row["path"] for row in table.fetch(dataset_id=[r.id for r in refs])
+    ids = [r.id for r in refs]          # a ref makes its UUID anew at every .id
+    paths = {row["dataset_id"]: row["path"] for row in table.fetch(dataset_id=ids)
              if row["component"] in (None, NO_COMPONENT)}
-    missing = [r for r in refs if r.id not in paths]
+    missing = [r for r, i in zip(refs, ids, strict=True) if i not in paths]
     if missing:
         raise LookupError(f"{len(missing)} datasets have no file in the datastore, e.g. "
                           f"{missing[0]}")
     return [storage.from_butler_uri(path) if "://" in path else f"{root}/{path}"
-            for path in (paths[r.id] for r in refs)]
+            for path in (paths[i] for i in ids)]
 
 
 NO_COMPONENT = "__NULL_STRING__"     # how the records table stores "no component"
