@@ -91,6 +91,37 @@ def progress_line(rows: list[dict]) -> str:
     return "progress: " + ("; ".join(parts) if parts else "starting (no stage has begun)")
 
 
+def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    """A typer callback: the value as `check` accepts it, else a usage error (exit 2)."""
+    from drp_flows.errors import InputError
+
+    def callback(value: str) -> str:
+        try:
+            return check(value) if value else value
+        except InputError as e:
+            raise typer.BadParameter(str(e)) from None
+    return callback
+
+
+def _campaign_name(value: str) -> str:
+    from drp_flows.datamodel import checked_name
+
+    return checked_name("campaign", value)
+
+
+def _data_query(value: str) -> str:
+    from drp_flows.engine.planning import checked_query
+
+    return checked_query(value)
+
+
+CampaignName = Annotated[str, typer.Argument(
+    metavar="NAME", help="the campaign's name (letters, digits, _.-)",
+    callback=_checked(_campaign_name))]
+DataQuery = Annotated[str, typer.Option(help="Butler data query choosing the visits",
+                                        callback=_checked(_data_query))]
+
+
 def _data_dir(data: Path | None) -> Path:
     """Where the embedded default keeps its sites; exported for ${DRP_DATA} in local.yaml."""
     path = (data or Path(os.environ.get("DRP_DATA", "data"))).resolve()
@@ -132,9 +163,8 @@ def setup(survey: Path, sites: Path = LOCAL_SITES, data: Path | None = None):
 
 
 @app.command()
-def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
-             data: Path | None = None,
-             where: Annotated[str, typer.Option(help="Butler data query choosing the visits")] = "",
+def campaign(name: CampaignName, sites: Path = LOCAL_SITES, survey: Path | None = None,
+             data: Path | None = None, where: DataQuery = "",
              group_size: Annotated[int, typer.Option(help="visits per group at most")] = 100,
              tracts_per_group: Annotated[int, typer.Option(help="tracts per group at most")] = 10,
              batch_size: int = 500, rescue: bool = False,
@@ -166,8 +196,8 @@ def campaign(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
 
 
 @app.command("rescue")
-def rescue_command(name: str, sites: Path = LOCAL_SITES, survey: Path | None = None,
-                   data: Path | None = None, where: str = "", group_size: int = 100,
+def rescue_command(name: CampaignName, sites: Path = LOCAL_SITES, survey: Path | None = None,
+                   data: Path | None = None, where: DataQuery = "", group_size: int = 100,
                    tracts_per_group: int = 10, batch_size: int = 500,
                    stage: Annotated[list[str] | None, typer.Option(
                        help="only this stage; repeat for more")] = None):
@@ -178,7 +208,7 @@ def rescue_command(name: str, sites: Path = LOCAL_SITES, survey: Path | None = N
 
 
 @app.command()
-def status(name: str, sites: Path = LOCAL_SITES, data: Path | None = None,
+def status(name: CampaignName, sites: Path = LOCAL_SITES, data: Path | None = None,
            watch: Annotated[bool, typer.Option(help="bars per site and stage until the "
                                                     "campaign ends (Ctrl-C stops watching)")] = False):
     """Where a campaign stands, from what its stage flows record at every site as they run."""
@@ -202,7 +232,7 @@ def status(name: str, sites: Path = LOCAL_SITES, data: Path | None = None,
 
 
 @app.command()
-def report(name: str, sites: Path = LOCAL_SITES, data: Path | None = None):
+def report(name: CampaignName, sites: Path = LOCAL_SITES, data: Path | None = None):
     """A finished campaign's report, as its campaign site keeps it.
 
     Progress per site, step and group, the transfers, the quarantined quanta, and QA against
@@ -388,5 +418,17 @@ def print_summary(result: dict, wall: float) -> None:
         console.print(f"QA report: {result['qa_report']}")
 
 
+def main() -> None:
+    """`drp`: a user's mistake (InputError: a site file, a name, a data query) is one line
+    naming it and exit code 2; anything else keeps its traceback."""
+    from drp_flows.errors import InputError
+
+    try:
+        app()
+    except InputError as e:
+        console.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -7,8 +7,10 @@ Parquet (`ArrowAstropy`), small structures YAML.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from drp_flows.errors import InputError
 from drp_flows.tasks.camera import INSTRUMENT
 
 # the survey property maps (healSparsePropertyMaps), as Rubin names them: deep_coadd_<name>
@@ -79,10 +81,24 @@ SKYMAP_RUN = "skymaps"
 DEFAULTS = f"{INSTRUMENT}/defaults"
 
 
+CAMPAIGNS = f"{INSTRUMENT}/runs/"      # every campaign's chain is named under it
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def checked_name(kind: str, name: str) -> str:
+    """A campaign's or group's name, refused unless it is 1-64 letters, digits, '_', '.' and
+    '-', starting with a letter or digit: it names collections and folders, so it must not
+    hold '/', '..', glob or query characters."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InputError(f"{kind} name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
 def campaign_collection(campaign: str) -> str:
-    return f"{INSTRUMENT}/runs/{campaign}"
+    return CAMPAIGNS + checked_name("campaign", campaign)
 
 
 def group_run(campaign: str, step: str, group: str, attempt: int) -> str:
     """RUN collection of one group attempt: <instrument>/runs/<campaign>/<step>/<group>/<attempt>."""
-    return f"{campaign_collection(campaign)}/{step}/{group}/{attempt}"
+    return f"{campaign_collection(campaign)}/{step}/{checked_name('group', group)}/{attempt}"

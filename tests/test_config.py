@@ -68,6 +68,32 @@ GOOD_SITE = "cluster: {kind: local}\n    storage: file:///tmp/x"
      "embargo.hours: Input should be greater than 0"),
     ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: ${NOPE_NOT_SET}\n",
      "variable ${NOPE_NOT_SET} is not set"),
+    # what a typo in a production file looks like: each refused, the key named
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n  a:\n    {GOOD_SITE}2\n",
+     "key 'a' given twice (first at line 3)"),
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n  b:\n    {GOOD_SITE}\n",
+     "sites a and b share storage"),
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n  b:\n    {GOOD_SITE}/b\n",
+     "sites a and b share storage"),
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    butler: {{registry: 'sqlite:////tmp/r.db'}}"
+     f"\n  b:\n    {GOOD_SITE}2\n    butler: {{registry: 'sqlite:////tmp/r.db'}}\n",
+     "sites a and b share registry sqlite:////tmp/r.db"),
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    sky: {{tracts: []}}\n",
+     "sites.a.sky.tracts: List should have at least 1 item"),
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    sky: {{dec_min: 10, dec_max: -10}}\n",
+     "dec_min 10.0 is not below dec_max -10.0"),
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    sky: {{dec_max: 95}}\n",
+     "sites.a.sky.dec_max: Input should be less than or equal to 90"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local, jobs: 0}\n    storage: file:///x\n",
+     "a cluster needs at least one job"),
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    embargo: 'yes'\n",
+     "sites.a.embargo: Input should be a valid boolean"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: slurm, queue: roma, wallclock: '1:00:00'}"
+     "\n    storage: file:///x\n", "unknown key(s) wallclock for a 'slurm' cluster"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local, thread_per_worker: 2}"
+     "\n    storage: file:///x\n", "unknown key(s) thread_per_worker for a 'local' cluster"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: file://relative/dir\n",
+     "'file://relative/dir' is not an absolute path"),
 ])
 def test_bad_site_file_names_file_and_key(tmp_path, text, expected):
     path = _write(tmp_path, text)

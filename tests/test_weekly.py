@@ -36,3 +36,25 @@ def test_released_visits_follow_the_embargo_period(three_sites, tmp_path):
     assert site_visits(three_sites, "usdf",
                        released_query(str(embargoed), as_of + timedelta(days=7))) == everything
     assert site_visits(three_sites, "usdf", released_query(str(free), as_of)) == everything
+
+
+def test_no_where_widens_the_release_cut(three_sites, tmp_path):
+    """The weekly's query is the release cut AND the user's condition, each checked whole:
+    'OR' inside the user's condition stays inside it, and text that would close the cut's
+    parenthesis is refused."""
+    import pytest
+
+    from drp_flows.engine.planning import all_of
+    from drp_flows.errors import InputError
+
+    sites = yaml.safe_load(open(three_sites).read())
+    sites["embargo"] = {"hours": 24}
+    embargoed = tmp_path / "embargoed.yaml"
+    embargoed.write_text(yaml.safe_dump(sites))
+    as_of = Time(FIRST_NIGHT_MJD + 1, format="mjd").to_datetime(timezone=UTC) + timedelta(hours=12)
+    cut = released_query(str(embargoed), as_of)
+    released = site_visits(three_sites, "usdf", cut)
+    assert 0 < len(released) < len(site_visits(three_sites, "usdf"))
+    assert site_visits(three_sites, "usdf", all_of(cut, "visit > 0 OR visit < 0")) == released
+    with pytest.raises(InputError, match="Syntax error"):
+        all_of(cut, "visit > 0) OR (visit > 0")

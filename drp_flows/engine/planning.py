@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from lsst.daf.butler import Butler, CollectionType, DatasetRef, MissingCollectionError
 
 from drp_flows.datamodel import DATASET_TYPES
+from drp_flows.errors import InputError
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.skymap import SKYMAP_NAME
@@ -89,6 +90,43 @@ NO_COMPONENT = "__NULL_STRING__"     # how the records table stores "no componen
 
 GOVERNORS = {"visit": ("instrument", INSTRUMENT), "exposure": ("instrument", INSTRUMENT),
              "tract": ("skymap", SKYMAP_NAME)}
+
+
+BOOLEAN_OPS = {"AND", "OR", "=", "!=", "<", "<=", ">", ">=", "OVERLAPS"}
+
+
+def checked_query(where: str) -> str:
+    """A user's data query, refused unless daf_butler's parser reads it as one condition (a
+    comparison, IN, NOT, AND or OR of such): a value alone ('1') is not one, and text such
+    as "a) OR (b" that only makes sense spliced into another query does not parse."""
+    from lsst.daf.butler.queries.expressions.parser import ParseError, ParserYacc, exprTree
+
+    def condition(node) -> bool:
+        if isinstance(node, exprTree.Parens):
+            return condition(node.expr)
+        if isinstance(node, exprTree.UnaryOp):
+            return node.op.upper() == "NOT" and condition(node.operand)
+        if isinstance(node, exprTree.BinaryOp):
+            op = node.op.upper()
+            return op in BOOLEAN_OPS and (op not in ("AND", "OR") or
+                                         (condition(node.lhs) and condition(node.rhs)))
+        return isinstance(node, exprTree.IsIn | exprTree.GlobNode)
+
+    try:
+        tree = ParserYacc().parse(where)
+    except ParseError as e:
+        raise InputError(f"data query {where!r}: {e}") from None
+    if tree is None or not condition(tree):
+        raise InputError(f"data query {where!r}: not a condition (compare a dimension or "
+                         "its field with a value, e.g. band = 'r' or visit > 100; join "
+                         "conditions with AND, OR, NOT)")
+    return where
+
+
+def all_of(*conditions: str) -> str:
+    """The conjunction of data queries, each checked as a whole condition first, so that
+    none can widen another (the weekly run's release cut and a user's query)."""
+    return " AND ".join(f"({checked_query(c)})" for c in conditions if c)
 
 
 def within(dimension: str, ids: Iterable[int]) -> dict:

@@ -29,7 +29,7 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.runtime import flow_run
 
-from drp_flows.datamodel import campaign_collection
+from drp_flows.datamodel import campaign_collection, checked_name
 from drp_flows.engine.dataflow import StepProgress
 from drp_flows.engine.planning import TRACT_GROUP, existing_collections, within
 from drp_flows.engine.register import read_manifests
@@ -368,6 +368,10 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
     start = time.perf_counter()
     logger = get_run_logger()
     sites = load_sites(site_file)
+    for kind, name in (("campaign", campaign), ("reused campaign", reuse),
+                       ("memory_from campaign", memory_from)):
+        if name or kind == "campaign":
+            checked_name(kind, name)
     home = sites.campaign_site
     latest = latest_attempt(site_file, campaign)
     attempt = latest + 1 if rescue else max(latest, 1)

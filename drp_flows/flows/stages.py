@@ -32,9 +32,10 @@ from drp_flows.engine.dataflow import (
 )
 from drp_flows.engine.executor import ClusterLost, Executor, RetryPolicy
 from drp_flows.engine.pipeline import SCOPES
-from drp_flows.engine.planning import TRACT_GROUP, make_groups
+from drp_flows.engine.planning import TRACT_GROUP, checked_query, make_groups
 from drp_flows.engine.quanta import QuantumResult
 from drp_flows.engine.register import Registration, register_outputs
+from drp_flows.errors import InputError
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import executor_pool, running_clusters
 from drp_flows.sites.config import SiteConfig, load_sites
@@ -79,11 +80,12 @@ def site_visits(site_file: str, site: str, where: str = "") -> list[int]:
             if int(r.exposure) in exposures}
     if not where:
         return sorted(held)
+    checked_query(where)
     try:
         chosen = {int(d["visit"]) for d in registry.queryDataIds(
             ["visit"], instrument=INSTRUMENT, skymap=SKYMAP_NAME, where=where)}
     except ButlerUserError as e:
-        raise ValueError(f"data query {where!r} at site {site}: {e}") from None
+        raise InputError(f"data query {where!r} at site {site}: {e}") from None
     return sorted(held & chosen)
 
 

@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from prefect import flow
 from prefect.runtime import flow_run
 
-from drp_flows.datamodel import campaign_collection
+from drp_flows.datamodel import CAMPAIGNS
+from drp_flows.engine.planning import all_of
 from drp_flows.flows.campaign import Stage, campaign_flow
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import LOCAL_SITES, load_sites
@@ -39,8 +40,8 @@ def previous_weekly(site_file: str, name: str) -> str:
     """The latest weekly campaign before `name` at the campaign site ('' if none)."""
     sites = load_sites(site_file)
     butler = open_butler(sites[sites.campaign_site])
-    pattern = re.compile(re.escape(campaign_collection("")) + r"(w_\d{4}_\d{2})")
-    weeks = [m.group(1) for c in butler.registry.queryCollections(campaign_collection("w_*"))
+    pattern = re.compile(re.escape(CAMPAIGNS) + r"(w_\d{4}_\d{2})")
+    weeks = [m.group(1) for c in butler.registry.queryCollections(CAMPAIGNS + "w_*")
              if (m := pattern.fullmatch(c))]
     return max((w for w in weeks if w < name), default="")
 
@@ -79,7 +80,7 @@ def weekly_flow(site_file: str = str(LOCAL_SITES), as_of: datetime | None = None
     """
     when = _as_of(as_of)
     name = weekly_name(when)
-    query = released_query(site_file, when) + (f" AND ({where})" if where else "")
+    query = all_of(released_query(site_file, when), where)
     return campaign_flow(site_file, name, where=query, stages=stages, group_size=group_size,
                          tracts_per_group=tracts_per_group, batch_size=batch_size, survey=survey,
                          reuse=previous_weekly(site_file, name))

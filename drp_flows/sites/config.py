@@ -12,16 +12,26 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from astropy.time import Time, TimeDelta
 from dask.utils import parse_bytes
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from drp_flows.errors import InputError
 from drp_flows.sites.storage import Storage
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A site file that cannot be used; the message names the file and the key."""
 
 
@@ -54,6 +64,10 @@ class ClusterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
+        unknown = sorted(set(self.backend_kwargs) - backend_parameters(self.kind))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} for a {self.kind!r} cluster "
+                             f"(not arguments of {BACKENDS[self.kind]}, nor ours)")
         if self.kind == "address" and not self.address:
             raise ValueError("kind 'address' needs an 'address' (tcp://host:port)")
         if self.kind != "address" and self.maximum < 1:
@@ -75,6 +89,33 @@ class ClusterConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+BACKENDS = {"local": "distributed.LocalCluster and its workers",
+            "slurm": "dask_jobqueue.SLURMCluster and its jobs",
+            "htcondor": "dask_jobqueue.HTCondorCluster and its jobs",
+            "address": "nothing: an existing scheduler takes no options"}
+
+
+def backend_parameters(kind: str) -> set[str]:
+    """The keyword arguments a cluster kind's backend accepts (every class in the chain that
+    receives them), less those we set ourselves."""
+    import inspect
+
+    if kind == "local":
+        from distributed import LocalCluster, Nanny, Worker
+        classes: tuple = (LocalCluster, Nanny, Worker)
+    elif kind in ("slurm", "htcondor"):
+        import dask_jobqueue
+
+        cluster = getattr(dask_jobqueue, {"slurm": "SLURMCluster", "htcondor": "HTCondorCluster"}[kind])
+        classes = (cluster, cluster.job_cls)
+    else:
+        return set()
+    names = {name for cls in classes for base in cls.__mro__ if "__init__" in vars(base)
+             for name, p in inspect.signature(base.__init__).parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self", "n_workers"}
+
+
 class ButlerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     registry: str | None = Field(
@@ -87,9 +128,16 @@ class SkyShare(BaseModel):
     """Which tracts a site processes (it holds the raws of visits aimed at them)."""
 
     model_config = ConfigDict(extra="forbid")
-    tracts: list[int] | None = None
-    dec_min: float = -90.0
-    dec_max: float = 90.0
+    tracts: list[int] | None = Field(None, min_length=1)
+    dec_min: float = Field(-90.0, ge=-90.0, le=90.0)
+    dec_max: float = Field(90.0, ge=-90.0, le=90.0)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.dec_min >= self.dec_max:
+            raise ValueError(f"dec_min {self.dec_min} is not below dec_max {self.dec_max}: "
+                             "the share holds no tract")
+        return self
 
 
 class SiteConfig(BaseModel):
@@ -100,7 +148,7 @@ class SiteConfig(BaseModel):
     storage: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
     butler: ButlerConfig = Field(default_factory=ButlerConfig)
-    embargo: bool = False
+    embargo: StrictBool = False
     sky: SkyShare = Field(default_factory=SkyShare)
     memory_multiplier: float = Field(
         2.0, gt=1, description="a quantum the memory limit killed is retried with its memory "
@@ -115,7 +163,7 @@ class SiteConfig(BaseModel):
     group_window: int = Field(
         2, ge=1, description="groups of a stage that run at once at this site (one group's "
                              "quanta fill the cores another's long quanta leave idle)")
-    follow_data: bool = Field(
+    follow_data: StrictBool = Field(
         True, description="a step starts on a visit (or tract) as soon as the step before it "
                           "has finished it; false: each step waits for the whole group")
     deployment: str | None = Field(
@@ -131,6 +179,11 @@ class SiteConfig(BaseModel):
     @classmethod
     def _scheme(cls, value: str) -> str:
         Storage(value)  # raises for a scheme with no filesystem kind
+        parts = urlsplit(value)
+        if parts.scheme == "file" and (parts.netloc not in ("", "localhost")
+                                       or not parts.path.startswith("/")):
+            raise ValueError(f"{value!r} is not an absolute path: write file:///abs/path "
+                             "(three slashes)")
         return value
 
     @field_validator("request_memory_max")
@@ -200,6 +253,7 @@ class CampaignSites(BaseModel):
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
                 raise ValueError(f"site name {name!r}: letters, digits and _ only")
             site.name = name
+        _apart(self.sites)
         if self.embargo and not self.sites[self.campaign_site].embargo:
             raise ValueError("an embargo period needs the campaign site to be an embargo site "
                              "(embargo: true): it holds the embargoed raws and gathers every "
@@ -208,6 +262,46 @@ class CampaignSites(BaseModel):
 
     def __getitem__(self, name: str) -> SiteConfig:
         return self.sites[name]
+
+
+def _apart(sites: dict[str, SiteConfig]) -> None:
+    """Sites share no storage (one root inside another's), repository directory or registry:
+    a site's setup wipes its own, which would be the other's."""
+    def inside(a: str, b: str) -> bool:
+        a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+        return a.startswith(b) or b.startswith(a)
+
+    names = sorted(sites)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            sa, sb = sites[a], sites[b]
+            if inside(sa.storage, sb.storage):
+                raise ValueError(f"sites {a} and {b} share storage ({sa.storage}, {sb.storage}): "
+                                 "each site needs a root of its own")
+            if sa.butler.repo and sb.butler.repo and inside(sa.butler.repo, sb.butler.repo):
+                raise ValueError(f"sites {a} and {b} share butler.repo {sa.butler.repo}")
+            if sa.butler.registry and sa.butler.registry == sb.butler.registry \
+                    and not sa.butler.registry.startswith("postgresql"):
+                raise ValueError(f"sites {a} and {b} share registry {sa.butler.registry} "
+                                 "(PostgreSQL keeps each site in a schema of its own; SQLite "
+                                 "cannot)")
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":    # '<<: *anchor' may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line "
+                    f"{seen[key].start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
 
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -249,7 +343,7 @@ def load_sites(path: str | Path, **variables: str) -> CampaignSites:
 
 def _parse(path: Path, text: str) -> CampaignSites:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeys)   # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

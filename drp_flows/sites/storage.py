@@ -18,6 +18,8 @@ from urllib.parse import quote, urlsplit
 
 import fsspec
 
+from drp_flows.errors import InputError
+
 CHUNK = 8 * 2**20
 
 
@@ -47,7 +49,12 @@ class Storage:
         return self.fs._strip_protocol(_strip_profile(uri))
 
     def join(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts]])
+        """A URI below the root; a part that would climb out of it ('..') is refused, as
+        names from users (campaigns, groups) become parts."""
+        parts = [p.strip("/") for p in parts]
+        if any(".." in p.split("/") for p in parts):
+            raise InputError(f"path {'/'.join(parts)!r} leaves the storage root {self.root}")
+        return "/".join([self.root.rstrip("/"), *parts])
 
     def open(self, uri: str, mode: str = "rb") -> IO:
         if "w" in mode and self.scheme == "file":
