@@ -150,14 +150,22 @@ def simulate(out: Path = typer.Argument(..., help="directory for raws, calibs, r
 
 
 @app.command()
-def setup(survey: Path, sites: Path = LOCAL_SITES, data: Path | None = None):
-    """Wipe and create every site's Butler and load its share of the survey."""
+def setup(survey: Path, sites: Path = LOCAL_SITES, data: Path | None = None,
+          force: Annotated[bool, typer.Option(
+              help="wipe each site's repository directory, datastore and registry schema even "
+                   "when an earlier drp setup did not make them for that site")] = False):
+    """Wipe and create every site's Butler and load its share of the survey. Only what an
+    earlier `drp setup` made for the same site is wiped, unless --force."""
     from drp_flows.flows.setup import setup_flow
+    from drp_flows.sites.butler import check_wipeable
 
     _data_dir(data)
-    names = ", ".join(load_sites(sites).sites)
+    cfg = load_sites(sites)
+    for site in cfg.sites.values():       # refused before a Prefect server is started
+        check_wipeable(site, force)
+    names = ", ".join(cfg.sites)
     with heartbeat(lambda: f"setting up the Butlers of {names}"):
-        rows = setup_flow(str(sites), str(survey.resolve()))
+        rows = setup_flow(str(sites), str(survey.resolve()), force=force)
     for row in rows:
         console.print(f"{row['site']}: {row['visits']} visits, {row['raws']} raws in {row['repo']}")
 
@@ -305,12 +313,12 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
 
 @app.command()
 def demo(data: Path | None = None, ccd_size: int = 1024, nights: int = 3,
-         rounds_per_night: int = 3, name: str = "demo"):
+         rounds_per_night: int = 3, name: str = "demo", force: bool = False):
     """Simulate a survey, set up three sites on this machine, run the campaign, report QA."""
     data = _data_dir(data)
     survey = data / "survey"
     simulate(survey, ccd_size=ccd_size, nights=nights, rounds_per_night=rounds_per_night, seed=42)
-    setup(survey, LOCAL_SITES, data)
+    setup(survey, LOCAL_SITES, data, force)
     campaign(name, LOCAL_SITES, survey, data)
     console.print(f"\nInspect with Rubin's tools, e.g.\n  butler query-datasets {data}/usdf/repo "
                   f"visit_summary --collections ComCamSim/runs/{name}")

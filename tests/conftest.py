@@ -132,6 +132,21 @@ def postgres_server() -> str | None:
     return None
 
 
+def drop_schemas(site_file: str) -> None:
+    """Drop the registry schemas of a site file's PostgreSQL sites: the test database is the
+    tests' own, and a schema an earlier test or run left under the same site name is not one
+    `drp setup` made for this test's site (it would refuse to wipe it)."""
+    import sqlalchemy
+
+    for site in load_sites(site_file).sites.values():
+        url = site.butler.registry
+        if url and url.startswith("postgresql"):
+            engine = sqlalchemy.create_engine(url)
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "drp_{site.name}" CASCADE'))
+            engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """URL of a database on the PostgreSQL server `make test` starts (.ci/postgres.sh)."""
@@ -173,6 +188,7 @@ def three_sites(prefect_api, survey, moto_endpoint, tmp_path_factory) -> str:
                  "storage_options": f'{{endpoint_url: "{moto_endpoint}"}}',
                  "sky": "{tracts: [0]}"},
     }, embargo=last_visits_embargo(survey), cluster=THREADS)
+    drop_schemas(site_file)
     setup_flow(site_file, str(survey))
     return site_file
 

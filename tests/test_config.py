@@ -94,6 +94,21 @@ GOOD_SITE = "cluster: {kind: local}\n    storage: file:///tmp/x"
      "\n    storage: file:///x\n", "unknown key(s) thread_per_worker for a 'local' cluster"),
     ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: file://relative/dir\n",
      "'file://relative/dir' is not an absolute path"),
+    # secrets are never in a site file (it is copied to butler.yaml, logs, Prefect parameters)
+    (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    butler: "
+     "{registry: 'postgresql://drp:s3cr3t-pw@db.example.org:5432/drp'}\n",
+     "registry 'postgresql://drp:***@db.example.org:5432/drp' holds a password"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: s3://b/x\n"
+     "    storage_options: {endpoint_url: 'https://s3.example.org', secret: s3cr3t-pw}\n",
+     "storage_options: Value error, secret: keys and secrets are never written"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: s3://b/x\n"
+     "    storage_options: {client_kwargs: {aws_secret_access_key: s3cr3t-pw}}\n",
+     "client_kwargs.aws_secret_access_key: keys and secrets"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: s3://b/x\n"
+     "    storage_options: {endpoint_url: 'https://k:s3cr3t-pw@s3.example.org'}\n",
+     "endpoint_url 'https://k:***@s3.example.org' holds a password"),
+    ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local}\n    storage: s3://k:s3cr3t-pw@b/x\n",
+     "a storage URL holds no user or key"),
 ])
 def test_bad_site_file_names_file_and_key(tmp_path, text, expected):
     path = _write(tmp_path, text)
@@ -101,6 +116,7 @@ def test_bad_site_file_names_file_and_key(tmp_path, text, expected):
         load_sites(path)
     assert str(path) in str(err.value)
     assert expected in str(err.value)
+    assert "s3cr3t-pw" not in str(err.value)
 
 
 def test_missing_site_file(tmp_path):

@@ -2,6 +2,7 @@
 second setup that wipes its schema. tests/test_deployments.py runs a whole three-site campaign
 with every registry (and the Prefect API) on PostgreSQL."""
 
+from conftest import drop_schemas
 from lsst.daf.butler import Butler, CollectionType, Config
 
 from drp_flows.sites.config import load_sites
@@ -14,6 +15,7 @@ def test_postgres_registry_setup_and_wipe(postgres_url, prefect_api, survey, tmp
 
     site_file = one_site_file("pg", storage=f"file://{tmp_path}/pg",
                               butler=f'{{registry: "{postgres}"}}', sky="{tracts: [1]}")
+    drop_schemas(site_file)
     (row,) = setup_flow(str(site_file), str(survey))
     site = load_sites(site_file)["pg"]
     assert Config(f"{site.repo_dir}/butler.yaml")["registry", "db"] == postgres
@@ -41,6 +43,7 @@ def test_concurrent_chain_updates_lose_no_run(postgres_url, prefect_api, survey,
     site_file = one_site_file("pg", storage=f"file://{tmp_path}/pg",
                               butler=f'{{registry: "{postgres_url("drp_test")}"}}',
                               sky="{tracts: [1]}")
+    drop_schemas(site_file)
     setup_flow(str(site_file), str(survey))
     repo = load_sites(site_file)["pg"].repo_dir
     runs = [f"ComCamSim/runs/race/step1/{i}/1" for i in range(24)]

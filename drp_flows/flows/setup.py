@@ -16,7 +16,13 @@ from lsst.daf.butler import Butler, CollectionType, DatasetRef, FileDataset, Tim
 from prefect import flow, get_run_logger, task
 
 from drp_flows.datamodel import CALIB_COLLECTION, CALIB_RUN, RAW_RUN, REFCAT, REFCAT_RUN, SKYMAP_RUN
-from drp_flows.sites.butler import create_repo, define_default_chain, formatter_for, wipe_repo
+from drp_flows.sites.butler import (
+    check_wipeable,
+    create_repo,
+    define_default_chain,
+    formatter_for,
+    wipe_repo,
+)
 from drp_flows.sites.config import EmbargoConfig, SiteConfig, load_sites
 from drp_flows.tasks import calibs
 from drp_flows.tasks.camera import INSTRUMENT, PHYSICAL_FILTERS
@@ -114,12 +120,13 @@ def _ingest_raws(butler: Butler, exposures: dict[int, list]) -> int:
 
 @task(name="set up site")
 def setup_site(site: SiteConfig, survey: str, masters: dict[tuple, str],
-               embargo: EmbargoConfig | None = None, holds_embargoed: bool = False) -> dict:
+               embargo: EmbargoConfig | None = None, holds_embargoed: bool = False,
+               force: bool = False) -> dict:
     """Wipe and recreate one site's repository and load its inputs (embargoed raws only at
     the site that holds them)."""
     logger = get_run_logger()
     cfg, _ = load_survey(Path(survey))
-    wipe_repo(site)
+    wipe_repo(site, force)
     butler = create_repo(site)
     static = merge_records(camera_records(cfg.camera), skymap_records(cfg.skymap))
     for element, rows in static.items():
@@ -138,11 +145,16 @@ def setup_site(site: SiteConfig, survey: str, masters: dict[tuple, str],
 
 
 @flow(name="drp-setup")
-def setup_flow(site_file: str, survey: str, sites: list[str] | None = None) -> list[dict]:
-    """Wipe and create every site's Butler and load its share of the survey."""
+def setup_flow(site_file: str, survey: str, sites: list[str] | None = None,
+               force: bool = False) -> list[dict]:
+    """Wipe and create every site's Butler and load its share of the survey. Only what an
+    earlier setup made for the same site is wiped (`force`: whatever is there), and every
+    site is checked before any is touched."""
     campaign_sites = load_sites(site_file)
     names = sites or list(campaign_sites.sites)
+    for n in names:
+        check_wipeable(campaign_sites[n], force)
     with tempfile.TemporaryDirectory() as tmp:
         masters = build_masters(survey, tmp)
         return [setup_site(campaign_sites[n], survey, masters, campaign_sites.embargo,
-                           n == campaign_sites.campaign_site) for n in names]
+                           n == campaign_sites.campaign_site, force) for n in names]

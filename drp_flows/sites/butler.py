@@ -8,6 +8,7 @@ registration only records what they wrote.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from drp_flows.datamodel import (
     REFCAT_RUN,
     SKYMAP_RUN,
 )
+from drp_flows.errors import InputError
 from drp_flows.sites.config import SiteConfig
 
 
@@ -88,8 +90,57 @@ def _registry_config(site: SiteConfig) -> dict:
     return cfg
 
 
-def wipe_repo(site: SiteConfig) -> None:
-    """Remove a site's repository: registry, repo directory and datastore files."""
+MARKER = "drp-site.json"    # written in the repo directory by create_repo: whose it is
+
+
+def _marker(site: SiteConfig) -> dict:
+    return {"site": site.name, "storage": site.storage, "registry": _registry_config(site)}
+
+
+def _schema_exists(db: str, namespace: str) -> bool:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(db)
+    try:
+        with engine.connect() as conn:
+            return sqlalchemy.inspect(conn).has_schema(namespace)
+    finally:
+        engine.dispose()
+
+
+def check_wipeable(site: SiteConfig, force: bool = False) -> None:
+    """Refuse to wipe what `drp setup` did not make for this site: a repo directory, datastore
+    folder or registry schema that exists without our marker for the site (an unrelated
+    folder a typo points at, another site's repository, a schema someone else uses)."""
+    if force:
+        return
+    repo = Path(site.repo_dir)
+    try:
+        ours = json.loads((repo / MARKER).read_text()) == _marker(site)
+    except (OSError, ValueError):
+        ours = False
+    if ours:
+        return
+    found = []
+    if repo.is_dir() and any(repo.iterdir()):
+        found.append(f"directory {repo}")
+    datastore = site.store.join("repo")
+    if site.store.path(datastore) != str(repo) and site.store.exists(datastore):
+        found.append(f"datastore {datastore}")
+    reg = _registry_config(site)
+    if "namespace" in reg and _schema_exists(reg["db"], reg["namespace"]):
+        found.append(f"registry schema {reg['namespace']}")
+    if found:
+        raise InputError(
+            f"site {site.name}: {', '.join(found)} exist(s), but {repo / MARKER} does not say "
+            f"`drp setup` made them for this site: nothing was deleted. Point the site "
+            f"elsewhere, move them away, or run `drp setup --force` to wipe them")
+
+
+def wipe_repo(site: SiteConfig, force: bool = False) -> None:
+    """Remove a site's repository: registry, repo directory and datastore files, when
+    check_wipeable allows."""
+    check_wipeable(site, force)
     reg = _registry_config(site)
     if "namespace" in reg:
         import sqlalchemy
@@ -111,6 +162,7 @@ def create_repo(site: SiteConfig) -> Butler:
     if site.butler.registry:
         config["registry"] = _registry_config(site)
     Butler.makeRepo(str(repo), config=config, forceConfigRoot=False)   # keep our datastore root
+    (repo / MARKER).write_text(json.dumps(_marker(site)))
     butler = Butler.from_config(str(repo), writeable=True)
     register_dataset_types(butler)
     return butler

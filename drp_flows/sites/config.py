@@ -116,12 +116,36 @@ def backend_parameters(kind: str) -> set[str]:
     return names - {"self", "n_workers"}
 
 
+SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id",
+                  "aws_secret_access_key", "aws_session_token"}
+
+
+def _no_password(what: str, url: str) -> None:
+    """URLs end up in butler.yaml, logs and Prefect parameters: none may carry a password."""
+    password = urlsplit(url).password
+    if password is not None:
+        raise ValueError(
+            f"{what} {url.replace(':' + password + '@', ':***@')!r} holds a password, which "
+            "would be written to butler.yaml and logs: leave it out "
+            "and give it to the database client instead (~/.pgpass, PGPASSWORD, or "
+            "daf_butler's ~/.lsst/db-auth.yaml)")
+
+
 class ButlerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     registry: str | None = Field(
-        None, description="registry database URL; default SQLite in the site's repo directory")
+        None, description="registry database URL, without a password (~/.pgpass, PGPASSWORD "
+                          "or ~/.lsst/db-auth.yaml give it); default SQLite in the site's "
+                          "repo directory")
     repo: str | None = Field(
         None, description="local directory of butler.yaml; default <storage>/repo when file://")
+
+    @field_validator("registry")
+    @classmethod
+    def _secret_free(cls, value: str | None) -> str | None:
+        if value:
+            _no_password("registry", value)
+        return value
 
 
 class SkyShare(BaseModel):
@@ -180,10 +204,31 @@ class SiteConfig(BaseModel):
     def _scheme(cls, value: str) -> str:
         Storage(value)  # raises for a scheme with no filesystem kind
         parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError("a storage URL holds no user or key: S3 keys come from the "
+                             "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the "
+                             "AWS profile files")
         if parts.scheme == "file" and (parts.netloc not in ("", "localhost")
                                        or not parts.path.startswith("/")):
             raise ValueError(f"{value!r} is not an absolute path: write file:///abs/path "
                              "(three slashes)")
+        return value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        def walk(options: dict, where: str) -> None:
+            for k, v in options.items():
+                if k.lower() in SECRET_OPTIONS:
+                    raise ValueError(f"{where}{k}: keys and secrets are never written in a "
+                                     "site file; S3 takes them from the environment "
+                                     "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the AWS "
+                                     "profile files (~/.aws/credentials)")
+                if isinstance(v, dict):
+                    walk(v, f"{where}{k}.")
+                elif isinstance(v, str) and "://" in v:
+                    _no_password(f"{where}{k}", v)
+        walk(value, "")
         return value
 
     @field_validator("request_memory_max")
