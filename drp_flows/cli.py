@@ -28,6 +28,10 @@ app = typer.Typer(help="Multi-site Data Release Processing on Prefect and Dask."
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 # a wide table when piped to a file or CI log, the terminal's width otherwise
 console = Console(width=None if sys.stdout.isatty() else 140)
+# exit codes: 0 the campaign is whole; 1 an error (a bug, or a stage that could not finish:
+# its traceback); 2 bad input (a name, query or site file); 3 quanta were quarantined; 4 QA
+# failed (and nothing was quarantined)
+BAD_INPUT, QUARANTINED, QA_FAILED = 2, 3, 4
 POLL_SECONDS = 2.0    # how often live bars re-read the sites' progress files
 # how often a plain progress line is printed when stdout is no terminal
 PLAIN_SECONDS = float(os.environ.get("DRP_PROGRESS_SECONDS", "20"))
@@ -184,8 +188,9 @@ def campaign(name: CampaignName, sites: Path = LOCAL_SITES, survey: Path | None 
                       "this one's memory requests")] = ""):
     """Run a campaign over the sites (QA against truth when --survey is given); a re-run
     resumes it, skipping every finished quantum. In a terminal, a bar per site and stage
-    follows the quanta as they finish. Exits 1 when a quantum was quarantined."""
-    from drp_flows.flows.campaign import campaign_flow
+    follows the quanta as they finish. Exits 3 when a quantum was quarantined, 4 when QA
+    failed, 2 on bad input."""
+    from drp_flows.flows.campaign import campaign_flow, failures
 
     _data_dir(data)
     start = time.perf_counter()
@@ -196,11 +201,11 @@ def campaign(name: CampaignName, sites: Path = LOCAL_SITES, survey: Path | None 
                                survey=str(survey.resolve()) if survey else None, rescue=rescue,
                                memory_from=memory_from)
     print_summary(result, time.perf_counter() - start)
-    if result["quarantined"]:
+    problems = failures(result)
+    if problems:
         # the rest of the campaign went on, but a script or scheduler must see it is not whole
-        console.print(f"[red]{len(result['quarantined'])} quanta failed and were quarantined[/]:"
-                      f" `drp rescue {name}` runs them again once their input is fixed")
-        raise typer.Exit(1)
+        console.print(f"[red]campaign {name} is not whole[/]: {problems}", highlight=False)
+        raise typer.Exit(QUARANTINED if result["quarantined"] else QA_FAILED)
 
 
 @app.command("rescue")
@@ -435,7 +440,7 @@ def main() -> None:
         app()
     except InputError as e:
         console.print(f"error: {e}", markup=False, highlight=False)
-        sys.exit(2)
+        sys.exit(BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ everywhere, fan-in, global calibration at usdf, fan-out, stages 2-4 everywhere w
 fan-ins, DIA objects, moving objects at usdf, QA."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import CAMPAIGN, CAMPAIGN_GROUPS
+from conftest import CAMPAIGN, CAMPAIGN_GROUPS, FAKE_SECRETS
 from scipy.stats import poisson
 
 from drp_flows.flows.stages import site_tracts, site_visits
@@ -148,8 +150,8 @@ def test_corrupt_raw_quarantined_rest_processed(result, corrupt, sites_file):
     f = result["quarantined"][0]
     assert f["site"] == "frdf" and f["step"] == "calibrateImage"
     assert f["data_id"] == {"visit": corrupt["visit"], "detector": corrupt["detector"]}
-    assert "corrupt raw" in f["error"] and corrupt["path"] in f["error"]
-    assert f["reason"] == "error"
+    assert f"corrupt input file://{corrupt['path']}: " in f["error"]
+    assert f["reason"] == "corrupt input" and f["error_class"] == "CorruptInput"
     frdf = [r for r in result["progress"] if r["site"] == "frdf"]
     calib = next(r for r in frdf if r["step"] == "calibrateImage")
     assert calib["failed"] == 1 and calib["done"] == calib["total"] - 1
@@ -313,7 +315,7 @@ def test_global_calibration_moved_and_applied(result, sites_file):
 @pytest.mark.changes_campaign
 def test_rerun_skips_finished_quanta(campaign):
     """`drp campaign` again: everything finished is skipped, the quarantined CCD is tried
-    again, fails again, and the command exits 1 saying so."""
+    again, fails again, and the command exits 3 saying so."""
     from typer.testing import CliRunner
 
     from drp_flows.cli import app
@@ -321,8 +323,9 @@ def test_rerun_skips_finished_quanta(campaign):
 
     options = [f"--{k.replace('_', '-')}={v}" for k, v in GROUPS.items()]
     out = CliRunner().invoke(app, ["campaign", CAMPAIGN, "--sites", campaign.in_process, *options])
-    assert out.exit_code == 1, out.output
-    assert "1 quanta failed and were quarantined" in " ".join(out.output.split())
+    assert out.exit_code == 3, out.output
+    assert f"campaign {CAMPAIGN} is not whole: 1 quanta quarantined (`drp rescue {CAMPAIGN}`" \
+        in " ".join(out.output.split())
     sites = load_sites(campaign.in_process)
     again = read_summary(sites[sites.campaign_site], CAMPAIGN)
     assert all(t["datasets"] == 0 for t in again["transfers"])   # everything already there
@@ -551,6 +554,45 @@ def test_progress_and_transfers_published_as_artifacts(campaign):
     assert sum("isolatedStarAssociation" in a["data"] for a in progress) == 3
     summary = latest(f"campaign-{CAMPAIGN}")[f"campaign-{CAMPAIGN}"]["data"]
     assert "## Transfers" in summary and "boundary visits across" in summary
+
+
+def test_a_campaign_with_quarantined_quanta_is_completed_with_failures(campaign):
+    """The deployment run of the shared campaign (one truncated raw) ends in a state the
+    Prefect UI shows as "Completed with failures", saying what and how to rescue it."""
+    from prefect_ops import flow_run_named
+
+    state = flow_run_named(campaign.env, CAMPAIGN)["state"]
+    assert state["type"] == "COMPLETED" and state["name"] == "Completed with failures", state
+    assert state["message"].startswith(f"1 quanta quarantined (`drp rescue {CAMPAIGN}`"), state
+
+
+def test_no_secret_in_any_file_or_log(campaign, tmp_path_factory):
+    """The campaign ran with recognisable fake S3 keys and a PostgreSQL password in its
+    environment (conftest.FAKE_SECRETS): none is in any file the tests wrote (sites, survey,
+    Prefect homes and logs, reports), in any object of ukdf's S3 storage, or in anything the
+    Prefect server keeps (logs, parameters, job variables, artifacts)."""
+    from prefect_ops import api
+
+    secrets = [v.encode() for v in FAKE_SECRETS.values()]
+    roots = [tmp_path_factory.getbasetemp(), Path(os.environ["PREFECT_HOME"])]
+    files = [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(files) > 1000
+    leaks = [str(p) for p in files if any(s in p.read_bytes() for s in secrets)]
+    ukdf = load_sites(campaign.site_file)["ukdf"]
+    objects = ukdf.store.fs.find(ukdf.store.path(ukdf.store.root))
+    assert objects
+    leaks += [f"s3://{o}" for o in objects
+              if any(s in ukdf.store.fs.cat_file(o) for s in secrets)]
+    logs, offset = [], 0
+    while page := api(campaign.env, "POST", "/logs/filter", {"offset": offset, "limit": 200}):
+        logs += page
+        offset += len(page)
+    assert len(logs) > 100
+    kept = json.dumps([logs] + [api(campaign.env, "POST", f"/{kind}/filter", {}) for kind in
+                                ("flow_runs", "task_runs", "deployments", "work_pools",
+                                 "artifacts")]).encode()
+    leaks += [f"Prefect server: {s.decode()}" for s in secrets if s in kept]
+    assert not leaks, leaks
 
 
 def test_status_shows_every_group(result, sites_file):

@@ -1,11 +1,14 @@
 """Quanta on a real Dask LocalCluster: clustering, failures as data, retries."""
 
+import errno
 import os
 
+import numpy as np
 import pytest
 
 from drp_flows.engine.executor import Executor
-from drp_flows.engine.quanta import Quantum, ordered
+from drp_flows.engine.quanta import Quantum, ordered, reading
+from drp_flows.errors import DataError
 from drp_flows.sites.clusters import executor_pool, running_cluster
 from drp_flows.sites.config import ClusterConfig
 from drp_flows.sites.storage import Storage
@@ -22,14 +25,21 @@ def test_clustering_keeps_visits_together():
 
 
 def write_or_fail(quantum, storage, out, config):
-    """A step: writes its output, fails on detector 3, a transient error once on detector 5."""
+    """A step: writes its output; bad data on detector 3, a bug on detector 6, an input that
+    is not there on detector 7, a transient error once on detector 5 and an I/O error once
+    on detector 4."""
     d = quantum.data_id["detector"]
     if d == 3:
-        raise ValueError(f"bad pixels on detector {d}")
+        raise DataError(f"bad pixels on detector {d}")
+    if d == 6:
+        return {}["no such key"]
+    if d == 7:
+        with reading(config["marker_dir"] + "/lost.fits"):
+            open(config["marker_dir"] + "/lost.fits", "rb")
     marker = config["marker_dir"] + f"/once-{d}"
-    if d == 5 and not os.path.exists(marker):
+    if d in (4, 5) and not os.path.exists(marker):
         open(marker, "w").close()
-        raise ConnectionError("storage went away")
+        raise ConnectionError("storage went away") if d == 5 else OSError(errno.EIO, "I/O error")
     out.write("thing", f"payload {d}".encode())
 
 
@@ -50,10 +60,15 @@ def test_failures_are_data_and_transients_retry(executor, tmp_path):
     assert len(results) == len(seen) == 8
     by_det = {r.data_id["detector"]: r for r in results}
     assert not by_det[3].ok
-    assert by_det[3].error_class == "ValueError" and by_det[3].reason == "error"
+    assert by_det[3].error_class == "DataError" and by_det[3].reason == "data"
     assert "demo(visit=1, detector=3)" in by_det[3].error and "bad pixels" in by_det[3].error
-    assert by_det[5].ok                                      # retried by Dask after ConnectionError
-    for d in (0, 1, 2, 4, 5, 6, 7):
+    # a bug is no verdict on the data: its traceback goes with it (the group fails with it)
+    assert by_det[6].reason == "bug" and by_det[6].error_class == "KeyError"
+    assert "Traceback" in by_det[6].error and "return {}[\"no such key\"]" in by_det[6].error
+    assert by_det[7].reason == "corrupt input" and by_det[7].error_class == "CorruptInput"
+    assert f"corrupt input {tmp_path}/lost.fits: FileNotFoundError" in by_det[7].error
+    assert by_det[4].ok and by_det[5].ok        # retried by Dask after EIO, ConnectionError
+    for d in (0, 1, 2, 4, 5):
         (m,) = by_det[d].outputs
         assert m.bytes == len(f"payload {d}") and len(m.sha256) == 64
         assert storage.open(m.uri).read() == f"payload {d}".encode()
@@ -66,3 +81,54 @@ def test_missing_output_is_a_failure(executor, tmp_path):
                                                               "other": storage.join("b")})
     (r,) = executor.run(write_or_fail, storage, {"marker_dir": str(tmp_path)}, [q], "t2", 10**8)
     assert not r.ok and "did not write ['other']" in r.error
+
+
+def test_bad_raws_get_their_diagnosis(survey):
+    """A raw full of NaN and a raw without its WCS keywords are named as such (they were
+    quarantined as '0 unblended stars' and 'only 5 reference matches')."""
+    from astropy.io import fits
+
+    from drp_flows.tasks.isr import check_raw, check_science_header
+    from drp_flows.validation.simulate import load_survey
+
+    camera = load_survey(survey)[0].camera
+    path = sorted((survey / "raw").glob("raw_*.fits"))[0]
+    check_raw(fits.open(path), camera)                    # a good raw passes
+    check_science_header(fits.open(path)[0].header)
+    nan = fits.open(path)
+    nan[2].data = np.full(nan[2].data.shape, np.nan, np.float32)
+    with pytest.raises(DataError, match=r"amplifier 1: \d+ of \d+ pixels are not finite"):
+        check_raw(nan, camera)
+    blind = fits.open(path)
+    del blind[0].header["CRVAL1"], blind[0].header["CTYPE2"]
+    with pytest.raises(DataError, match="raw lacks its WCS keywords CTYPE2, CRVAL1"):
+        check_science_header(blind[0].header)
+    undated = fits.open(path)
+    del undated[0].header["MJD-OBS"]
+    with pytest.raises(DataError, match="raw lacks its exposure keywords MJD-OBS"):
+        check_science_header(undated[0].header)
+
+
+def test_a_bug_fails_the_campaign_instead_of_quarantining_every_ccd(solo_site, monkeypatch):
+    """calibrateImage with a bug (a KeyError on every CCD): the campaign stops at the first
+    with the bug's traceback (it had quarantined every CCD of the campaign as bad data)."""
+    import dataclasses
+
+    from drp_flows.flows.campaign import StageFailed, campaign_flow
+    from drp_flows.flows.stages import site_visits
+    from drp_flows.tasks.pipeline import LABELS
+
+    def buggy(quantum, storage, out, config):
+        return config["no such setting"]
+
+    site_file = solo_site("bug", cluster="{kind: local, jobs: 1, threads_per_worker: 1, "
+                                         "processes: false}")
+    monkeypatch.setitem(LABELS, "calibrateImage", dataclasses.replace(LABELS["calibrateImage"],
+                                                                      run=buggy))
+    first = site_visits(site_file, "solo")[0]
+    with pytest.raises(StageFailed) as raised:
+        campaign_flow(site_file, "bug1", where=f"visit = {first}", stages=["stage1"])
+    message = str(raised.value)
+    assert f"QuantumBug: a bug, not bad data, failed calibrateImage(visit={first}" in message
+    assert "KeyError: 'no such setting'" in message and 'config["no such setting"]' in message
+    assert message.count("a bug, not bad data") == 1

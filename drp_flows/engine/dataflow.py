@@ -79,6 +79,11 @@ def run_window(jobs: Iterable[Callable[[], T]], window: int) -> list[T]:
     return results
 
 
+class QuantumBug(RuntimeError):
+    """A quantum failed by an error that is not a DataError: a bug, which no CCD should be
+    quarantined for; the message holds its traceback."""
+
+
 @dataclass
 class StepProgress:
     """What PanDA's dashboard shows per step and group."""
@@ -171,7 +176,8 @@ class GroupFlow:
 
     def run(self) -> None:
         """Plan the first step, then run until every key has passed every step. Raises
-        ClusterLost as the executor does, after registering what had finished."""
+        ClusterLost as the executor does, and QuantumBug for a quantum that failed by a bug,
+        after registering what had finished."""
         try:
             self.plan(0, self.keys)
             self.on_change()
@@ -230,6 +236,9 @@ class GroupFlow:
     def on_result(self, r: QuantumResult) -> None:
         step = self.steps[self.index[r.step]]
         p = step.progress
+        if r.reason == "bug":      # not the data's fault: stop here, after registering the rest
+            p.failed += 1
+            raise QuantumBug(f"a bug, not bad data, failed {r.error}")
         if r.ok:
             p.done += 1
         else:

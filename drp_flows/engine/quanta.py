@@ -1,23 +1,51 @@
 """Quanta: one step on one data ID, what runs on a worker, and their clustering into batches.
 
 A quantum reads its inputs by URI, writes its outputs to the site's storage and returns a small
-manifest; it never touches a registry. Science failures are data (status "failed", with error
-class and message) and the rest goes on; transient errors (lost connections, time-outs) are
-re-raised so Dask retries the quantum. engine/executor.py runs quanta on a site's clusters.
+manifest; it never touches a registry. Data failures (DataError: a bad or corrupt input, a
+fit that cannot converge) are results (status "failed", with error class and message) and the
+rest goes on; transient errors (lost connections, time-outs) are re-raised so Dask retries the
+quantum; anything else is a bug, which fails the quantum's group with its traceback.
+engine/executor.py runs quanta on a site's clusters.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import resource
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from drp_flows.errors import CorruptInput, DataError
 from drp_flows.sites.storage import Storage
 
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
+# OSErrors that a second try may not meet (a storage server's hiccup), unlike a missing file
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE}
+
+
+def transient(e: BaseException) -> bool:
+    """An error Dask should retry the quantum for, rather than a verdict on its data."""
+    return isinstance(e, TRANSIENT_ERRORS) or (isinstance(e, OSError)
+                                               and e.errno in TRANSIENT_ERRNOS)
+
+
+@contextmanager
+def reading(uri: str):
+    """Reading and parsing an input: what goes wrong is a corrupt (or missing) input, named,
+    unless it is transient, which is raised as it is for Dask to retry."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        if transient(e):
+            raise
+        raise CorruptInput(f"corrupt input {uri}: {type(e).__name__}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -53,7 +81,7 @@ class QuantumResult:
     outputs: list[OutputManifest] = field(default_factory=list)
     error_class: str = ""
     error: str = ""
-    reason: str = ""                 # why it failed: error, transient, memory, killed worker
+    reason: str = ""   # why it failed: data, corrupt input, bug, transient, memory, killed worker
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     inputs: dict = field(default_factory=dict)
@@ -118,16 +146,22 @@ def execute_quantum(step: StepFunction, storage: Storage, config: dict,
         if missing:
             raise RuntimeError(f"{quantum} did not write {sorted(missing)}")
         result.outputs = writer.written
-    except TRANSIENT_ERRORS:
-        raise
-    except Exception as e:  # a failed quantum is data, not a crashed batch
-        result.status, result.reason = "failed", "error"
+    except Exception as e:  # a failed quantum is a result, not a crashed batch
+        if transient(e):
+            raise
+        result.status, result.outputs = "failed", []
         result.error_class = type(e).__name__
         result.error = f"{quantum}: {e}"
-        result.outputs = []
         tb = traceback.extract_tb(e.__traceback__)
         if tb:
             result.error += f" [{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}]"
+        if isinstance(e, DataError):
+            result.reason = "corrupt input" if isinstance(e, CorruptInput) else "data"
+        elif isinstance(e, MemoryError):
+            result.reason = "memory"
+        else:                       # a bug: the group fails with it (engine/dataflow.py)
+            result.reason = "bug"
+            result.error += "\n" + "".join(traceback.format_exception(e))
     result.seconds = time.perf_counter() - start
     result.started, result.ended = started, started + result.seconds
     result.peak_rss_mb = peak_memory_mb()

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from drp_flows.datamodel import campaign_collection, checked_name
 from drp_flows.engine.dataflow import StepProgress
@@ -418,7 +419,28 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
         result["qa"], result["qa_report"] = qa_task(site_file, campaign, survey)
     result["seconds"] = time.perf_counter() - start
     write_summary(sites[home], result)
-    return result
+    return outcome(result)
+
+
+def failures(result: dict) -> str:
+    """What keeps a campaign that ran to its end from being whole ('' if nothing)."""
+    quarantined = len(result["quarantined"])
+    failed = [c["metric"] for c in result["qa"] if not c["pass"]]
+    parts = ([f"{quarantined} quanta quarantined (`drp rescue {result['campaign']}` runs them "
+              "again once their input is fixed)"] if quarantined else []) + (
+        [f"{len(failed)} QA checks failed: {', '.join(failed)}"] if failed else [])
+    return "; ".join(parts)
+
+
+def outcome(result: dict):
+    """A campaign flow's end: its result, in a state named 'Completed with failures' (what
+    the Prefect UI and API show) when quanta were quarantined or QA failed; a stage that
+    could not finish has failed the flow already."""
+    problems = failures(result)
+    if not problems:
+        return result
+    get_run_logger().warning("campaign %s: %s", result["campaign"], problems)
+    return Completed(name="Completed with failures", message=problems, data=result)
 
 
 def summary_uri(site: SiteConfig, campaign: str) -> str:

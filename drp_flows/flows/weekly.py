@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from drp_flows.datamodel import CAMPAIGNS
 from drp_flows.engine.planning import all_of
-from drp_flows.flows.campaign import Stage, campaign_flow
+from drp_flows.flows.campaign import Stage, campaign_flow, outcome
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import LOCAL_SITES, load_sites
 
@@ -81,6 +81,7 @@ def weekly_flow(site_file: str = str(LOCAL_SITES), as_of: datetime | None = None
     when = _as_of(as_of)
     name = weekly_name(when)
     query = all_of(released_query(site_file, when), where)
-    return campaign_flow(site_file, name, where=query, stages=stages, group_size=group_size,
-                         tracts_per_group=tracts_per_group, batch_size=batch_size, survey=survey,
-                         reuse=previous_weekly(site_file, name))
+    return outcome(campaign_flow(site_file, name, where=query, stages=stages,
+                                 group_size=group_size, tracts_per_group=tracts_per_group,
+                                 batch_size=batch_size, survey=survey,
+                                 reuse=previous_weekly(site_file, name)))

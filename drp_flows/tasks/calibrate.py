@@ -22,6 +22,7 @@ from scipy.signal import oaconvolve
 from scipy.spatial import cKDTree
 from scipy.stats import chi2 as chi2_dist
 
+from drp_flows.errors import DataError
 from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.images import Exposure, bit
 from drp_flows.tasks.isolated_stars import unit_vectors
@@ -36,7 +37,7 @@ ZP_DEPTH_MARGIN = 1.2    # mag above the 5-sigma depth: predicted S/N >= 15
 VISIT_PSF_PROBABILITY = 1e-3
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(DataError):
     """The CCD cannot be calibrated (too few stars or reference matches)."""
 
 

@@ -24,6 +24,7 @@ from scipy.ndimage import binary_dilation, maximum_filter
 from scipy.signal import fftconvolve, oaconvolve
 from scipy.spatial import cKDTree
 
+from drp_flows.errors import DataError
 from drp_flows.tasks.calibrate import centroids, detect, psf_kernel
 from drp_flows.tasks.images import Exposure, bit
 from drp_flows.tasks.psf import psf_flux
@@ -44,7 +45,7 @@ RESIDUAL_FRACTION = 0.05           # |difference| below this fraction of the sci
 UNUSABLE = bit("BAD") | bit("SAT") | bit("NO_DATA") | bit("EDGE")
 
 
-class DiffimError(RuntimeError):
+class DiffimError(DataError):
     """No difference image can be made (no template pixels, too few kernel stars)."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from astropy.io import fits
 
+from drp_flows.errors import DataError
 from drp_flows.tasks.camera import SATURATION_ADU, Camera
 from drp_flows.tasks.images import Exposure, bit
 from drp_flows.tasks.skymap import header_wcs
@@ -19,15 +20,35 @@ HOT_DARK = 1.0       # e-/s above which a pixel is BAD
 LOW_FLAT = 0.5
 
 
+# what ISR and calibration read from a raw's primary header
+EXPOSURE_KEYS = ("BAND", "EXPTIME", "MJD-OBS")
+WCS_KEYS = ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2")
+
+
+def check_science_header(header: fits.Header) -> None:
+    """A science raw's primary header must have its exposure and WCS keywords: a lack named
+    as such (not found later as 'too few reference matches')."""
+    for kind, keys in (("exposure", EXPOSURE_KEYS), ("WCS", WCS_KEYS)):
+        missing = [k for k in keys if k not in header]
+        if missing:
+            raise DataError(f"raw lacks its {kind} keywords {', '.join(missing)}")
+
+
 def check_raw(raw: fits.HDUList, camera: Camera) -> None:
-    """A raw must have one HDU per amplifier with the camera's amp geometry."""
+    """A raw must have one HDU per amplifier with the camera's amp geometry, and finite
+    pixels (a raw of NaN was found later as '0 unblended stars')."""
     if len(raw) != len(camera.amps) + 1:
-        raise ValueError(f"{len(raw) - 1} amplifier HDUs, expected {len(camera.amps)}")
+        raise DataError(f"{len(raw) - 1} amplifier HDUs, expected {len(camera.amps)}")
     for amp in camera.amps:
         data = raw[amp.index + 1].data
         if data is None or data.shape != amp.raw_shape:
-            raise ValueError(f"amplifier {amp.index}: shape "
-                             f"{None if data is None else data.shape}, expected {amp.raw_shape}")
+            raise DataError(f"amplifier {amp.index}: shape "
+                            f"{None if data is None else data.shape}, expected {amp.raw_shape}")
+        if data.dtype.kind == "f":
+            bad = data.size - np.count_nonzero(np.isfinite(data))
+            if bad:
+                raise DataError(f"amplifier {amp.index}: {bad} of {data.size} pixels are "
+                                "not finite (NaN or inf)")
 
 
 def assemble(raw: fits.HDUList, camera: Camera, detector: int) -> tuple[np.ndarray, np.ndarray]:

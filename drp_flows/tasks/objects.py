@@ -31,6 +31,7 @@ from astropy.table import Table, vstack
 from scipy.ndimage import maximum_filter
 from scipy.spatial import cKDTree
 
+from drp_flows.errors import DataError
 from drp_flows.tasks.calibrate import (
     DETECTION_SIGMA,
     CalibrationError,
@@ -126,7 +127,7 @@ def measure_objects(coadds: dict[str, Exposure], tract: int, patch: int) -> Tabl
         except CalibrationError as err:
             skipped[b] = str(err)
     if not prepared:
-        raise ValueError("no band's coadd can be measured: " +
+        raise DataError("no band's coadd can be measured: " +
                          "; ".join(f"{b}: {why}" for b, why in skipped.items()))
     peaks = []
     for b, c in prepared.items():
@@ -154,7 +155,7 @@ def measure_objects(coadds: dict[str, Exposure], tract: int, patch: int) -> Tabl
     for b, c in prepared.items():
         inputs = coadds[b].coadd_inputs
         if inputs is None or "psf_fwhm" not in inputs.colnames:
-            raise ValueError(f"{b}-band coadd of tract {tract} patch {patch} lists no input PSFs")
+            raise DataError(f"{b}-band coadd of tract {tract} patch {patch} lists no input PSFs")
         flux, err = psf_flux(c.image, c.weight_var, x, y, coadd_psf(inputs, x, y),
                              variance=c.variance, simultaneous=True)
         covered = c.covered[iy, ix]

@@ -18,14 +18,15 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 
 from drp_flows.datamodel import CALIB_COLLECTION, SKYMAP_RUN
-from drp_flows.engine.quanta import OutputWriter, Quantum
+from drp_flows.engine.quanta import OutputWriter, Quantum, reading
+from drp_flows.errors import DataError
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.calibrate import calibrate, visit_psf_fwhm
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.images import read_fits
 from drp_flows.tasks.isolated_stars import associate
-from drp_flows.tasks.isr import check_raw, run_isr
+from drp_flows.tasks.isr import check_raw, check_science_header, run_isr
 from drp_flows.tasks.psf import psf_flux_scale
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 
@@ -71,13 +72,15 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
     """ISR + single-frame calibration of one CCD (runs on a worker)."""
     camera = Camera(**config["camera"])
     detector = quantum.data_id["detector"]
-    try:
+    with reading(quantum.inputs["raw"]):
         raw = read_fits(storage, quantum.inputs["raw"])
         raw.verify("exception")
+    try:
+        check_science_header(raw[0].header)
         check_raw(raw, camera)
-        band = raw[0].header["BAND"]
-    except Exception as e:
-        raise ValueError(f"corrupt raw {quantum.inputs['raw']}: {e}") from e
+    except DataError as e:
+        raise DataError(f"raw {quantum.inputs['raw']}: {e}") from None
+    band = raw[0].header["BAND"]
     post_isr = run_isr(raw, camera, detector, _calib_image(storage, quantum.inputs["bias"]),
                        _calib_image(storage, quantum.inputs["dark"]),
                        _calib_image(storage, quantum.inputs["flat"]))
@@ -110,7 +113,7 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
     """Visit summary (one row per detector) and the visit's star table (runs on a worker)."""
     rows = []
     for uri in quantum.inputs["preliminary_visit_image"]:
-        with storage.open(uri, "rb") as f:
+        with reading(uri), storage.open(uri, "rb") as f:
             h = fits.getheader(f, 0)
         row = {"visit": quantum.data_id["visit"], "detector": int(h["DETECTOR"]),
                "band": h["BAND"], "mjd": h["MJD-OBS"]}

@@ -11,6 +11,7 @@ import numpy as np
 from astropy.table import Table, vstack
 
 from drp_flows.engine.quanta import OutputWriter, Quantum
+from drp_flows.errors import DataError
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.global_calib import calibrated_mag_err, fit_cycle
@@ -53,7 +54,8 @@ def run_update_visit_summary(quantum: Quantum, storage: Storage, out: OutputWrit
     by_detector = {int(d): k for k, d in enumerate(calib["detector"])}
     missing = [int(d) for d in summary["detector"] if int(d) not in by_detector]
     if missing:
-        raise LookupError(f"visit {quantum.data_id['visit']}: no global calibration for detectors {missing}")
+        raise DataError(f"visit {quantum.data_id['visit']}: no global calibration for detectors "
+                        f"{missing}")
     rows = [by_detector[int(d)] for d in summary["detector"]]
     zp = np.asarray(calib["zero_point"])[rows]
     summary["delta_zero_point"] = zp - summary["zero_point"]

@@ -13,7 +13,8 @@ from astropy.wcs import WCS
 from lsst.sphgeom import ConvexPolygon
 
 from drp_flows import datamodel
-from drp_flows.engine.quanta import OutputWriter, Quantum
+from drp_flows.engine.quanta import OutputWriter, Quantum, reading
+from drp_flows.errors import DataError
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.catalogs import read_table, table_bytes
@@ -92,7 +93,7 @@ def assemble_coadd(quantum: Quantum, storage: Storage, out: OutputWriter, config
             if visit in best:
                 template.add(w, info)
     if not deep.inputs:
-        raise ValueError(f"{quantum}: no input pixel lands on the patch")
+        raise DataError(f"{quantum}: no input pixel lands on the patch")
     meta = fits.Header({"TRACT": d["tract"], "PATCH": d["patch"], "BAND": d["band"]})
     out.write("deep_coadd", deep.coadd(wcs, meta).to_bytes())
     meta["VISITS"] = (" ".join(map(str, sorted(best))), "best-seeing third of the visits")
@@ -106,7 +107,7 @@ def healsparse_property_maps(quantum: Quantum, storage: Storage, out: OutputWrit
     rows = dict(summary_rows(storage, uri) for uri in quantum.inputs["visit_summary"])
     ccds = []
     for uri in quantum.inputs["preliminary_visit_image"]:
-        with storage.open(uri, "rb") as f:
+        with reading(uri), storage.open(uri, "rb") as f:
             hdul = fits.open(f, lazy_load_hdus=True)
             primary, header = hdul[0].header.copy(), hdul["IMAGE"].header.copy()
         row = rows[int(primary["VISIT"])][int(primary["DETECTOR"])]
@@ -127,8 +128,8 @@ def write_object_table(quantum: Quantum, storage: Storage, out: OutputWriter, co
         coadds[exp.metadata["BAND"]] = exp
     try:
         objects = measure_objects(coadds, quantum.data_id["tract"], quantum.data_id["patch"])
-    except ValueError as e:
-        raise ValueError(f"{quantum}: {e}") from e
+    except DataError as e:
+        raise DataError(f"{quantum}: {e}") from e
     out.write("object_patch", table_bytes(objects))
 
 

@@ -19,7 +19,7 @@ from astropy.wcs import WCS
 from scipy.ndimage import binary_erosion
 
 from drp_flows.engine.pipeline import Blocked
-from drp_flows.engine.quanta import OutputWriter, Quantum
+from drp_flows.engine.quanta import OutputWriter, Quantum, reading
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.catalogs import table_bytes
@@ -51,7 +51,7 @@ def summary_detectors(storage: Storage, uri: str) -> frozenset[int]:
 @lru_cache(maxsize=1024)
 def template_visits(storage: Storage, uri: str) -> frozenset[int]:
     """The visits a template coadd was made of (its primary header)."""
-    with storage.open(uri, "rb") as f:
+    with reading(uri), storage.open(uri, "rb") as f:
         return frozenset(int(v) for v in fits.getheader(f, 0)["VISITS"].split())
 
 
