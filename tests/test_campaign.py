@@ -13,6 +13,7 @@ from astropy.io import fits
 from conftest import CAMPAIGN, CAMPAIGN_GROUPS, FAKE_SECRETS
 from scipy.stats import poisson
 
+from drp_flows.errors import InputError
 from drp_flows.flows.stages import site_tracts, site_visits
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
@@ -99,8 +100,10 @@ def test_data_query_chooses_visits_and_tracts(three_sites, survey):
         int(v["visit"]) for v in first if v["tract"] in (1, 2, 3))
     assert site_tracts(three_sites, "usdf", "tract = 5") == [5]
     assert site_tracts(three_sites, "usdf", f"day_obs = {day_obs}") == [4, 5]
-    with pytest.raises(ValueError, match="data query 'band =' at site usdf"):
+    with pytest.raises(InputError, match="data query 'band =': End of input reached"):
         site_visits(three_sites, "usdf", "band =")
+    with pytest.raises(InputError, match="data query 'nosuch = 3' at site usdf"):
+        site_visits(three_sites, "usdf", "nosuch = 3")
 
 
 def test_outputs_readable_with_the_butler(result, sites_file):

@@ -55,6 +55,8 @@ def test_the_command_line_refuses_a_bad_name_before_anything_runs(tmp_path):
     ("visit > 1 AND 2", "not a condition"),
     ("visit = 1) OR (visit > 0", "Syntax error"),
     ("visit > 0 /* x", "Syntax error"),
+    ("band =", "End of input reached"),
+    ("visit > 0 $", "Unexpected character"),
 ])
 def test_a_data_query_must_be_one_condition(where, why):
     with pytest.raises(InputError, match=why) as raised:

@@ -99,7 +99,9 @@ def checked_query(where: str) -> str:
     """A user's data query, refused unless daf_butler's parser reads it as one condition (a
     comparison, IN, NOT, AND or OR of such): a value alone ('1') is not one, and text such
     as "a) OR (b" that only makes sense spliced into another query does not parse."""
-    from lsst.daf.butler.queries.expressions.parser import ParseError, ParserYacc, exprTree
+    from lsst.daf.butler.queries.expressions.parser import ParserYacc, exprTree
+    from lsst.daf.butler.queries.expressions.parser.parserLex import ParserLexError
+    from lsst.daf.butler.queries.expressions.parser.parserYacc import ParserYaccError
 
     def condition(node) -> bool:
         if isinstance(node, exprTree.Parens):
@@ -114,7 +116,7 @@ def checked_query(where: str) -> str:
 
     try:
         tree = ParserYacc().parse(where)
-    except ParseError as e:
+    except (ParserYaccError, ParserLexError) as e:
         raise InputError(f"data query {where!r}: {e}") from None
     if tree is None or not condition(tree):
         raise InputError(f"data query {where!r}: not a condition (compare a dimension or "

@@ -32,6 +32,7 @@ from prefect.states import Completed
 
 from drp_flows.datamodel import campaign_collection, checked_name
 from drp_flows.engine.dataflow import StepProgress
+from drp_flows.engine.lease import CampaignLease
 from drp_flows.engine.planning import TRACT_GROUP, existing_collections, within
 from drp_flows.engine.register import read_manifests
 from drp_flows.engine.transfer import Ledger, check_embargo, plan_transfer, transfer
@@ -374,52 +375,55 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
         if name or kind == "campaign":
             checked_name(kind, name)
     home = sites.campaign_site
-    latest = latest_attempt(site_file, campaign)
-    attempt = latest + 1 if rescue else max(latest, 1)
     for name in sites.sites:            # a bad query fails here, naming it, not in a stage
         site_visits(site_file, name, where)
-    sites[home].store.rm(summary_uri(sites[home], campaign))   # running: no report until done
-    if reuse:
-        logger.info("%d single-frame RUNs of campaign %s reused", carry_over(site_file, campaign, reuse),
-                    reuse)
-    memory = memory_requests(site_file, memory_from) if memory_from else {}
-    if memory:
-        logger.info("first memory requests from campaign %s: %s", memory_from,
-                    ", ".join(f"{label} {format_bytes(b)}" for label, b in sorted(memory.items())))
-    chosen = set(stages or STAGES)
-    rows, ledgers = [], []
-    with ExitStack() as stack:
-        # a site with a deployment starts its own clusters, at the site
-        here = {name: site for name, site in sites.sites.items() if not site.deployment}
-        started = stack.enter_context(running_clusters(
-            {(name, "short"): site.cluster for name, site in here.items()}
-            | {(name, "long"): site.long_cluster for name, site in here.items() if site.long_cluster}))
-        addresses = {name: address for (name, pool), address in started.items() if pool == "short"}
-        long_addresses = {name: address for (name, pool), address in started.items()
-                          if pool == "long"}
-        logger.info("clusters: %s, long-quantum clusters: %s", addresses, long_addresses)
-        for stage, movements in PLAN:
-            if stage not in chosen:
-                continue
-            for movement, move, dataset_types in movements:
-                ledgers += move(site_file, campaign, movement, dataset_types)
-            rows += at_every_site(site_file, campaign, stage, addresses, long_addresses,
-                                  group_size, tracts_per_group, batch_size, where, attempt,
-                                  memory, only=home if stage in CAMPAIGN_SITE_ONLY else None)
-    table = progress_markdown([StepProgress.from_row(r) for r in rows])
-    create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"
-                             f"## Transfers\n\n{ledger_markdown(ledgers)}\n",
-                             key=artifact_key(f"campaign-{campaign}"),
-                             description=f"progress of campaign {campaign}")
-    result = {"campaign": campaign, "progress": rows, "transfers": ledgers,
-              "quarantined": [f | {"step": r["step"], "site": r["site"]}
-                              for r in rows for f in r["failures"]],
-              "qa": [], "qa_report": None}
-    if survey:
-        result["qa"], result["qa_report"] = qa_task(site_file, campaign, survey)
-    result["seconds"] = time.perf_counter() - start
-    write_summary(sites[home], result)
-    return outcome(result)
+    # one runner at a time: a second is refused, naming this one (engine/lease.py)
+    with CampaignLease(open_butler(sites[home], writeable=True), campaign,
+                       str(flow_run.id or "")):
+        latest = latest_attempt(site_file, campaign)
+        attempt = latest + 1 if rescue else max(latest, 1)
+        sites[home].store.rm(summary_uri(sites[home], campaign))   # running: no report until done
+        if reuse:
+            logger.info("%d single-frame RUNs of campaign %s reused", carry_over(site_file, campaign, reuse),
+                        reuse)
+        memory = memory_requests(site_file, memory_from) if memory_from else {}
+        if memory:
+            logger.info("first memory requests from campaign %s: %s", memory_from,
+                        ", ".join(f"{label} {format_bytes(b)}" for label, b in sorted(memory.items())))
+        chosen = set(stages or STAGES)
+        rows, ledgers = [], []
+        with ExitStack() as stack:
+            # a site with a deployment starts its own clusters, at the site
+            here = {name: site for name, site in sites.sites.items() if not site.deployment}
+            started = stack.enter_context(running_clusters(
+                {(name, "short"): site.cluster for name, site in here.items()}
+                | {(name, "long"): site.long_cluster for name, site in here.items() if site.long_cluster}))
+            addresses = {name: address for (name, pool), address in started.items() if pool == "short"}
+            long_addresses = {name: address for (name, pool), address in started.items()
+                              if pool == "long"}
+            logger.info("clusters: %s, long-quantum clusters: %s", addresses, long_addresses)
+            for stage, movements in PLAN:
+                if stage not in chosen:
+                    continue
+                for movement, move, dataset_types in movements:
+                    ledgers += move(site_file, campaign, movement, dataset_types)
+                rows += at_every_site(site_file, campaign, stage, addresses, long_addresses,
+                                      group_size, tracts_per_group, batch_size, where, attempt,
+                                      memory, only=home if stage in CAMPAIGN_SITE_ONLY else None)
+        table = progress_markdown([StepProgress.from_row(r) for r in rows])
+        create_markdown_artifact(f"# Campaign {campaign}\n\n## Progress\n\n{table}\n\n"
+                                 f"## Transfers\n\n{ledger_markdown(ledgers)}\n",
+                                 key=artifact_key(f"campaign-{campaign}"),
+                                 description=f"progress of campaign {campaign}")
+        result = {"campaign": campaign, "progress": rows, "transfers": ledgers,
+                  "quarantined": [f | {"step": r["step"], "site": r["site"]}
+                                  for r in rows for f in r["failures"]],
+                  "qa": [], "qa_report": None}
+        if survey:
+            result["qa"], result["qa_report"] = qa_task(site_file, campaign, survey)
+        result["seconds"] = time.perf_counter() - start
+        write_summary(sites[home], result)
+        return outcome(result)
 
 
 def failures(result: dict) -> str:
