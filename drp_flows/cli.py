@@ -30,8 +30,8 @@ app = typer.Typer(help="Multi-site Data Release Processing on Prefect and Dask."
 console = Console(width=None if sys.stdout.isatty() else 140)
 # exit codes: 0 the campaign is whole; 1 an error (a bug, or a stage that could not finish:
 # its traceback); 2 bad input (a name, query or site file); 3 quanta were quarantined; 4 QA
-# failed (and nothing was quarantined)
-BAD_INPUT, QUARANTINED, QA_FAILED = 2, 3, 4
+# failed (and nothing was quarantined); 5 `drp verify` found damaged products
+BAD_INPUT, QUARANTINED, QA_FAILED, DAMAGED = 2, 3, 4, 5
 POLL_SECONDS = 2.0    # how often live bars re-read the sites' progress files
 # how often a plain progress line is printed when stdout is no terminal
 PLAIN_SECONDS = float(os.environ.get("DRP_PROGRESS_SECONDS", "20"))
@@ -242,6 +242,41 @@ def status(name: CampaignName, sites: Path = LOCAL_SITES, data: Path | None = No
         groups = sorted({(r["site"], r["step"], r["group"]) for r in rows if r["state"] == state})
         if groups:
             console.print(f"{state}: " + ", ".join(f"{s} {st} {g}" for s, st, g in groups))
+
+
+@app.command()
+def verify(name: CampaignName, sites: Path = LOCAL_SITES, data: Path | None = None,
+           site: Annotated[str | None, typer.Option(help="only this site")] = None,
+           fraction: Annotated[float, typer.Option(
+               help="a random sample of this fraction of the products")] = 1.0,
+           seed: int = 0,
+           repair: Annotated[bool, typer.Option(
+               help="unregister and delete the damaged, so that `drp campaign NAME` (or "
+                    "rescue) makes or transfers them again")] = False):
+    """Re-read a campaign's products at every site and compare each with the size and sha256
+    recorded when it was written (a transferred copy too). Exits 5 naming every damaged one."""
+    from drp_flows.engine.integrity import verify_campaign
+
+    _data_dir(data)
+    cfg = load_sites(sites)
+    if site is not None and site not in cfg.sites:
+        raise typer.BadParameter(f"site {site!r} is not one of {sorted(cfg.sites)}")
+    found = verify_campaign(cfg, name, site, fraction, seed, repair)
+    for verification in found.values():
+        for d in verification.damaged:
+            console.print(f"[red]damaged[/] {d}", highlight=False, soft_wrap=True)
+    for where, verification in found.items():
+        console.print(f"{where}: {verification.checked} products checked, "
+                      f"{len(verification.damaged)} damaged"
+                      + (f", {verification.repaired} unregistered" if verification.repaired else ""))
+    if not any(v.checked for v in found.values()):
+        console.print(f"campaign {name!r} has no recorded products at the sites of {sites}")
+        raise typer.Exit(1)
+    if any(v.damaged for v in found.values()):
+        if repair:
+            console.print(f"`drp campaign {name}` (or `drp rescue {name}`) makes or transfers "
+                          "them again")
+        raise typer.Exit(DAMAGED)
 
 
 @app.command()

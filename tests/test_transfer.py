@@ -111,6 +111,26 @@ def test_damage_that_persists_is_a_clear_error(tmp_path):
         copy_items(Ledger("test", "a", "b"), source, destination, items)
 
 
+def test_a_source_damaged_since_it_was_made_is_not_sent_on(tmp_path):
+    """Each file carries the sha256 recorded when it was made: one that rotted at the source
+    since is refused, named, rather than copied and verified as it now is."""
+    from dataclasses import replace
+
+    source, destination = Storage(f"file://{tmp_path}/a"), Storage(f"file://{tmp_path}/b")
+    items = []
+    for i in _to(destination, _files(source, 5, 1)):
+        with source.open(i.source_uri) as f:
+            items.append(replace(i, sha256=hashlib.sha256(f.read()).hexdigest()))
+    copy_items(Ledger("test", "a", "b"), source, destination, items[:3])   # intact: copied
+    rotten = items[4].source_uri
+    data = source.open(rotten).read()
+    with source.open(rotten, "wb") as f:
+        f.write(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(TransferError, match=f"{rotten} at .* is damaged: its sha256 differs"):
+        copy_items(Ledger("test", "a", "b"), source, destination, items[3:])
+    assert not destination.exists(items[4].destination_uri)
+
+
 def test_s3_to_s3_across_two_endpoints(s3_credentials):
     with moto_server("usdf-drp") as usdf, moto_server("frdf-drp") as frdf:
         source = Storage("s3://usdf-drp/drp", options={"endpoint_url": usdf}, profile="usdf")

@@ -3,7 +3,8 @@
 plan (which datasets, how many bytes, what the destination already has) -> copy through fsspec
 over parallel streams, large files alone and small ones in zip bundles (one round trip per
 bundle; checked and unpacked in the destination's staging area), every file's sha256 checked
-on the far side and the file or bundle sent again when it does not match ->
+against the one recorded when it was made before it leaves (when the caller knows it) and on
+the far side and the file or bundle sent again when it does not match ->
 ingest at the destination in place (dimension records first, same dataset IDs and RUNs, what
 exists is skipped) -> verify that every planned dataset is now registered there -> a ledger
 (files, bundles, bytes, seconds, MB/s). Nothing is ingested before its checksum matched, and
@@ -41,6 +42,7 @@ class TransferItem:
     ref: DatasetRef | None       # None for plain files (the copy needs only the two URIs)
     source_uri: str
     destination_uri: str
+    sha256: str = ""             # recorded when it was made (engine/integrity.py), if known
 
 
 @dataclass
@@ -182,6 +184,11 @@ def copy_unit(source_store: Storage, destination_store: Storage, unit: list[Tran
     for item in unit:
         with source_store.open(item.source_uri, "rb") as f:
             data[item.source_uri] = f.read()
+        if item.sha256 and _sha256(data[item.source_uri]) != item.sha256:
+            raise TransferError(
+                f"{item.source_uri} at {source_store.root} is damaged: its sha256 differs from "
+                "the one recorded when it was made, so it is not sent on (`drp verify "
+                "CAMPAIGN --repair` unregisters it, and a re-run makes it again)")
     digests = {item.destination_uri: _sha256(data[item.source_uri]) for item in unit}
     for attempt in range(COPY_ATTEMPTS):
         if not _write_unit(destination_store, unit, data, staging):
