@@ -32,7 +32,7 @@ from prefect.states import Completed
 
 from drp_flows.datamodel import campaign_collection, checked_name
 from drp_flows.engine.dataflow import StepProgress
-from drp_flows.engine.integrity import recorded
+from drp_flows.engine.integrity import campaign_runs, recorded
 from drp_flows.engine.lease import CampaignLease
 from drp_flows.engine.planning import TRACT_GROUP, existing_collections, within
 from drp_flows.engine.register import read_manifests
@@ -158,7 +158,7 @@ def transfer_task(site_file: str, campaign: str, movement: str, source: str, des
     items = [replace(i, sha256=records.get(str(i.ref.id), (0, ""))[1]) for i in items]
     ledger = transfer(Ledger(movement, source, destination), src_butler, src.store, dst_butler,
                       dst.store, items)
-    for run in sorted({i.ref.run for i in items}):
+    for run in runs:
         chain_run(dst_butler, campaign, run)
     row = asdict(ledger) | {"mb_per_s": ledger.mb_per_s}
     create_table_artifact([row | {"mb_per_s": round(ledger.mb_per_s, 2),
@@ -306,10 +306,7 @@ def memory_requests(site_file: str, campaign: str, percentile: float = 95,
     once): the percentile, with a margin, in bytes."""
     peaks: dict[str, float] = {}
     for site in load_sites(site_file).sites.values():
-        butler = open_butler(site)
-        chain = existing_collections(butler, [campaign_collection(campaign)])
-        runs = butler.registry.getCollectionChain(chain[0]) if chain else []
-        table = read_manifests(site.store, [r for r in runs if r.startswith(chain[0] + "/")])
+        table = read_manifests(site.store, campaign_runs(open_butler(site), campaign))
         if len(table):
             peaks |= dict(zip(table["quantum"], table["peak_rss_mb"], strict=True))
     if not peaks:
@@ -375,9 +372,9 @@ def campaign_flow(site_file: str = str(LOCAL_SITES), campaign: str = "demo", whe
     start = time.perf_counter()
     logger = get_run_logger()
     sites = load_sites(site_file)
-    for kind, name in (("campaign", campaign), ("reused campaign", reuse),
-                       ("memory_from campaign", memory_from)):
-        if name or kind == "campaign":
+    checked_name("campaign", campaign)
+    for kind, name in (("reused campaign", reuse), ("memory_from campaign", memory_from)):
+        if name:
             checked_name(kind, name)
     home = sites.campaign_site
     for name in sites.sites:            # a bad query fails here, naming it, not in a stage
