@@ -60,7 +60,8 @@ def fake_condor(tmp_path, monkeypatch):
     bin_dir.mkdir()
     log = tmp_path / "condor.log"
     (bin_dir / "condor_submit").write_text(
-        f"#!/bin/sh\necho \"$0 $*\" >> {log}\ncat \"$1\" > {tmp_path}/submitted.jdl\n"
+        f"#!/bin/sh\necho \"$0 $*\" >> {log}\ncat \"$1\" > {tmp_path}/jdl.part\n"
+        f"mv {tmp_path}/jdl.part {tmp_path}/submitted.jdl\n"   # whole, or not there yet
         "echo '1 job(s) submitted to cluster 4242.'\n")
     (bin_dir / "condor_rm").write_text(f"#!/bin/sh\necho \"$0 $*\" >> {log}\n")
     for f in bin_dir.iterdir():

@@ -132,3 +132,41 @@ def test_a_bug_fails_the_campaign_instead_of_quarantining_every_ccd(solo_site, m
     assert f"QuantumBug: a bug, not bad data, failed calibrateImage(visit={first}" in message
     assert "KeyError: 'no such setting'" in message and 'config["no such setting"]' in message
     assert message.count("a bug, not bad data") == 1
+
+
+def test_an_input_damaged_since_it_was_registered_is_a_corrupt_input(solo_site):
+    """A raw with one pixel's bytes changed (same size, still a valid FITS file) is read whole
+    by its quantum and compared with the sha256 recorded when it was ingested: that CCD is
+    quarantined as a corrupt input naming the file, the visit's other CCDs go on."""
+    from pathlib import Path
+
+    from drp_flows.engine.planning import dataset_uris
+    from drp_flows.flows.campaign import campaign_flow
+    from drp_flows.flows.stages import site_visits
+    from drp_flows.sites.butler import open_butler
+    from drp_flows.sites.config import load_sites
+
+    site_file = solo_site("rot")
+    site = load_sites(site_file)["solo"]
+    visit = site_visits(site_file, "solo")[0]
+    butler = open_butler(site)
+    refs = sorted(butler.registry.queryDatasets("raw", collections="ComCamSim/raw/all",
+                                                instrument="ComCamSim", exposure=visit),
+                  key=lambda r: r.dataId["detector"])
+    uri = dataset_uris(butler, site.store, refs[:1])[0]
+    assert len(uri.sha256) == 64 and uri.size > 0          # recorded at setup
+    path = Path(butler.getURI(refs[0]).ospath)
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[-3000] ^= 0x40                                  # inside the last HDU's pixels
+    path.write_bytes(bytes(damaged))
+    try:
+        result = campaign_flow(site_file, "rot1", where=f"visit = {visit}", stages=["stage1"])
+    finally:
+        path.write_bytes(original)
+    (bad,) = result["quarantined"]
+    assert bad["data_id"] == {"visit": visit, "detector": int(refs[0].dataId["detector"])}
+    assert bad["reason"] == "corrupt input" and bad["error_class"] == "CorruptInput"
+    assert f"corrupt input {uri}: its sha256 differs from the one recorded" in bad["error"]
+    step1 = next(r for r in result["progress"] if r["step"] == "calibrateImage")
+    assert step1["done"] == len(refs) - 1

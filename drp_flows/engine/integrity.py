@@ -10,7 +10,6 @@ Raws, calibrations and reference catalogs came from outside a campaign and are n
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from drp_flows.engine.planning import dataset_uris, existing_collections
 from drp_flows.engine.register import read_manifests
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import CampaignSites, SiteConfig
-from drp_flows.sites.storage import CHUNK, Storage
+from drp_flows.sites.storage import Storage, digest
 
 READERS = 8     # files re-read at once
 
@@ -70,17 +69,14 @@ def recorded(sources: Iterable[tuple[Storage, list[str]]]) -> dict[str, tuple[in
 
 def _check(site: SiteConfig, uri: str, size: int, sha256: str) -> str:
     """Why the file at `uri` is not what was recorded ('' when it is)."""
-    digest, n = hashlib.sha256(), 0
     try:
         with site.store.open(uri, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-                n += len(chunk)
+            n, sha = digest(f)
     except FileNotFoundError:
         return "missing"
     if n != size:
         return f"{n} bytes, {size} recorded"
-    if digest.hexdigest() != sha256:
+    if sha != sha256:
         return "sha256 differs from the one recorded when it was written"
     return ""
 

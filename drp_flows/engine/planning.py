@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from lsst.daf.butler import Butler, CollectionType, DatasetRef, MissingCollectionError
 
 from drp_flows.datamodel import DATASET_TYPES
+from drp_flows.engine.quanta import RecordedURI
 from drp_flows.errors import InputError
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
@@ -65,7 +66,9 @@ def dataset_uris(butler: Butler, storage: Storage, refs: list[DatasetRef]) -> li
     Butler.getURI asks once per dataset and the datastore's getManyURIs builds a resource
     object per file (80 us each: 7 s for a 10,000-visit group's raws); the records table
     holds each file's path, relative to the datastore's root or absolute, which is all a
-    quantum needs. A datastore without such a table (not ours) falls back to getManyURIs."""
+    quantum needs, and the size and sha256 registration recorded (a `RecordedURI`, which the
+    quanta check what they read against). A datastore without such a table (not ours) falls
+    back to getManyURIs."""
     if not refs:
         return []
     datastore = butler._datastore                          # noqa: SLF001 (no public bulk call)
@@ -75,14 +78,17 @@ def dataset_uris(butler: Butler, storage: Storage, refs: list[DatasetRef]) -> li
         return [storage.from_butler_uri(found[ref].primaryURI) for ref in refs]
     root = storage.from_butler_uri(str(datastore.root)).rstrip("/")
     ids = [r.id for r in refs]          # a ref makes its UUID anew at every .id
-    paths = {row["dataset_id"]: row["path"] for row in table.fetch(dataset_id=ids)
-             if row["component"] in (None, NO_COMPONENT)}
-    missing = [r for r, i in zip(refs, ids, strict=True) if i not in paths]
+    rows = {row["dataset_id"]: (row["path"], row["checksum"], row["file_size"])
+            for row in table.fetch(dataset_id=ids) if row["component"] in (None, NO_COMPONENT)}
+    missing = [r for r, i in zip(refs, ids, strict=True) if i not in rows]
     if missing:
         raise LookupError(f"{len(missing)} datasets have no file in the datastore, e.g. "
                           f"{missing[0]}")
-    return [storage.from_butler_uri(path) if "://" in path else f"{root}/{path}"
-            for path in (paths[i] for i in ids)]
+    uris = []
+    for path, sha256, size in (rows[i] for i in ids):
+        uri = storage.from_butler_uri(path) if "://" in path else f"{root}/{path}"
+        uris.append(RecordedURI(uri, sha256, size) if sha256 else uri)
+    return uris
 
 
 NO_COMPONENT = "__NULL_STRING__"     # how the records table stores "no component"

@@ -48,6 +48,34 @@ def reading(uri: str):
         raise CorruptInput(f"corrupt input {uri}: {type(e).__name__}: {e}") from e
 
 
+class RecordedURI(str):
+    """An input's URI with the size and sha256 its file had when it was registered (from the
+    datastore's records, sites/butler.py ingest_recorded): a plain string everywhere else."""
+
+    def __new__(cls, uri: str, sha256: str, size: int):
+        self = super().__new__(cls, uri)
+        self.sha256, self.size = sha256, size
+        return self
+
+    def __reduce__(self):
+        return RecordedURI, (str(self), self.sha256, self.size)
+
+
+def read_input(storage: Storage, uri: str) -> bytes:
+    """An input file's bytes, read whole and checked against its record when it has one: a
+    file damaged since it was registered fails its quantum as a corrupt input, named."""
+    with reading(uri), storage.open(uri, "rb") as f:
+        data = f.read()
+    if isinstance(uri, RecordedURI):
+        if len(data) != uri.size:
+            raise CorruptInput(f"corrupt input {uri}: {len(data)} bytes, {uri.size} recorded "
+                               "when it was registered")
+        if hashlib.sha256(data).hexdigest() != uri.sha256:
+            raise CorruptInput(f"corrupt input {uri}: its sha256 differs from the one recorded "
+                               "when it was registered")
+    return data
+
+
 @dataclass(frozen=True)
 class Quantum:
     step: str

@@ -1,7 +1,9 @@
 """Registration (BPS's finalJob): bulk, idempotent ingest of quantum manifests into a Butler.
 
 Workers wrote the files inside the site's datastore root; registration records them in place
-(transfer=None), one call per batch, skipping datasets that are already registered.
+(transfer=None), one call per batch, skipping datasets that are already registered, with the
+size and sha256 each quantum measured as it wrote (in the datastore's records: the next
+quanta check what they read against them).
 It runs in the flow process, the only writer of the site's registry.
 
 The manifests themselves are kept beside the repository (`<storage>/manifests/<run>/`, one
@@ -20,7 +22,7 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler, DatasetIdGenEnum, DatasetRef, FileDataset
 
 from drp_flows.engine.quanta import OutputManifest, QuantumResult
-from drp_flows.sites.butler import formatter_for
+from drp_flows.sites.butler import formatter_for, ingest_recorded
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.catalogs import read_table, table_bytes
@@ -59,7 +61,8 @@ def register_outputs(butler: Butler, storage: Storage, results: list[QuantumResu
                          id_generation_mode=DatasetIdGenEnum.DATAID_TYPE_RUN)
         datasets.append(FileDataset(path=storage.butler_uri_of(m.uri), refs=[ref],
                                     formatter=formatter_for(dataset_type.storageClass_name)))
-    butler.ingest(*datasets, transfer=None, skip_existing=True)
+    ingest_recorded(butler, datasets, {d.refs[0].id: (m.bytes, m.sha256)
+                                       for d, (m, _) in zip(datasets, manifests, strict=True)})
     keep_manifests(storage, run, [(d.refs[0], m, r) for d, (m, r) in zip(datasets, manifests,
                                                                           strict=True)])
     reg.datasets = len(datasets)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from lsst.daf.butler import Butler, DatasetRef, FileDataset
 
-from drp_flows.sites.butler import formatter_for
+from drp_flows.engine.planning import dataset_uris
+from drp_flows.sites.butler import formatter_for, ingest_recorded
 from drp_flows.sites.storage import Storage
 from drp_flows.tasks.camera import INSTRUMENT
 
@@ -42,7 +43,8 @@ class TransferItem:
     ref: DatasetRef | None       # None for plain files (the copy needs only the two URIs)
     source_uri: str
     destination_uri: str
-    sha256: str = ""             # recorded when it was made (engine/integrity.py), if known
+    sha256: str = ""             # recorded when it was made (the source's records), if known
+    size: int = -1
 
 
 @dataclass
@@ -70,15 +72,15 @@ def plan_transfer(source: Butler, source_store: Storage, destination: Butler,
     items = []
     source_root = source_store.join("repo")
     for dataset_type in dataset_types:
-        refs = source.registry.queryDatasets(dataset_type, collections=collections, findFirst=True,
-                                             instrument=INSTRUMENT, where=where, bind=bind or {})
-        for ref in refs:
-            if destination.get_dataset(ref.id) is not None:
-                continue
-            uri = source_store.from_butler_uri(source.getURI(ref))
+        refs = [ref for ref in source.registry.queryDatasets(
+                    dataset_type, collections=collections, findFirst=True, instrument=INSTRUMENT,
+                    where=where, bind=bind or {})
+                if destination.get_dataset(ref.id) is None]
+        for ref, uri in zip(refs, dataset_uris(source, source_store, refs), strict=True):
             if not uri.startswith(source_root):
                 raise TransferError(f"{ref} at {uri} lies outside the repository {source_root}")
-            items.append(TransferItem(ref, uri, destination_store.join("repo", uri[len(source_root) + 1:])))
+            items.append(TransferItem(ref, str(uri), destination_store.join("repo", uri[len(source_root) + 1:]),
+                                      getattr(uri, "sha256", ""), getattr(uri, "size", -1)))
     return items
 
 
@@ -227,7 +229,8 @@ def copy_items(ledger: Ledger, source_store: Storage, destination_store: Storage
 
 def ingest_items(source: Butler, destination: Butler, destination_store: Storage,
                  items: list[TransferItem]) -> None:
-    """Register copied files at the destination: dimension records, RUNs, then the datasets."""
+    """Register copied files at the destination: dimension records, RUNs, then the datasets
+    with their source's records of size and sha256."""
     refs = [i.ref for i in items]
     destination.transfer_dimension_records_from(source, refs)
     for run in sorted({r.run for r in refs}):
@@ -235,7 +238,7 @@ def ingest_items(source: Butler, destination: Butler, destination_store: Storage
     datasets = [FileDataset(path=destination_store.butler_uri_of(i.destination_uri), refs=[i.ref],
                             formatter=formatter_for(i.ref.datasetType.storageClass_name))
                 for i in items]
-    destination.ingest(*datasets, transfer=None, skip_existing=True)
+    ingest_recorded(destination, datasets, {i.ref.id: (i.size, i.sha256) for i in items if i.sha256})
 
 
 def verify(destination: Butler, items: list[TransferItem]) -> None:

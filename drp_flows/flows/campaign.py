@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +32,7 @@ from prefect.states import Completed
 
 from drp_flows.datamodel import campaign_collection, checked_name
 from drp_flows.engine.dataflow import StepProgress
-from drp_flows.engine.integrity import campaign_runs, recorded
+from drp_flows.engine.integrity import campaign_runs
 from drp_flows.engine.lease import CampaignLease
 from drp_flows.engine.planning import TRACT_GROUP, existing_collections, within
 from drp_flows.engine.register import read_manifests
@@ -152,10 +152,7 @@ def transfer_task(site_file: str, campaign: str, movement: str, source: str, des
     if sites.embargo:
         check_embargo(items, sites.embargo.embargoed_exposures(src_butler), source, destination,
                       dst.embargo)
-    # what leaves is checked against its record (made at the source or any site before it)
     runs = sorted({i.ref.run for i in items})
-    records = recorded((s.store, runs) for s in sites.sites.values()) if runs else {}
-    items = [replace(i, sha256=records.get(str(i.ref.id), (0, ""))[1]) for i in items]
     ledger = transfer(Ledger(movement, source, destination), src_butler, src.store, dst_butler,
                       dst.store, items)
     for run in runs:

@@ -9,6 +9,7 @@ Butler (lsst.resources) the site's bucket is addressed through a named S3 profil
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -86,6 +87,15 @@ class Storage:
     def from_butler_uri(self, uri) -> str:
         """A Butler URI back in this storage's form."""
         return _strip_profile(str(uri))
+
+
+def digest(f: IO[bytes]) -> tuple[int, str]:
+    """Size and sha256 of what is left to read in a file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return size, h.hexdigest()
 
 
 def _strip_profile(uri: str) -> str:

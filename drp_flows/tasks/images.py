@@ -10,7 +10,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from drp_flows.engine.quanta import reading
+from drp_flows.engine.quanta import read_input, reading
 
 # Rubin's standard mask planes (afw), as bit numbers
 MASK_PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
@@ -75,8 +75,9 @@ def single_image_bytes(data: np.ndarray, header: fits.Header | None = None) -> b
 def read_fits(storage, uri: str) -> fits.HDUList:
     """Read a whole FITS file from site storage into memory, every HDU's data parsed here (a
     truncated file fails as a corrupt input, not later in the science)."""
-    with reading(uri), storage.open(uri, "rb") as f:
-        hdul = fits.HDUList.fromstring(f.read())
+    data = read_input(storage, uri)
+    with reading(uri):
+        hdul = fits.HDUList.fromstring(data)
         for hdu in hdul:
             hdu.data  # noqa: B018 (astropy parses an HDU's data when it is first asked for)
         return hdul

@@ -19,7 +19,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from drp_flows.datamodel import PROPERTY_MAPS
-from drp_flows.engine.quanta import reading
+from drp_flows.engine.quanta import read_input, reading
 from drp_flows.tasks.coadd import NJY_MAG0, njy_scale
 from drp_flows.tasks.psf import moffat_stamps
 
@@ -89,7 +89,8 @@ def map_bytes(m: hsp.HealSparseMap) -> bytes:
 
 def read_map(storage, uri: str) -> hsp.HealSparseMap:
     """A map from site storage (HealSparse reads from a local path only)."""
-    with reading(uri), tempfile.TemporaryDirectory() as tmp, storage.open(uri, "rb") as f:
+    data = read_input(storage, uri)
+    with reading(uri), tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "map.hsp"
-        path.write_bytes(f.read())
+        path.write_bytes(data)
         return hsp.HealSparseMap.read(str(path))
