@@ -16,7 +16,7 @@ from scipy.stats import poisson
 
 from drp_flows.errors import InputError
 from drp_flows.flows.stages import site_tracts, site_visits
-from drp_flows.sites.butler import open_butler
+from drp_flows.sites.butler import open_butler, open_dataset_file
 from drp_flows.sites.config import load_sites
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.diffim import measurable
@@ -426,7 +426,7 @@ def test_difference_images_never_use_their_own_visit(result, sites_file):
         refs = list(butler.registry.queryDatasets("difference_image"))
         assert len(refs) == sum(r["done"] for r in rows if r["site"] == name) > 9
         for ref in refs:
-            with butler.getURI(ref).open("rb") as f:
+            with open_dataset_file(butler, ref) as f:
                 header = fits.getheader(f, 0)
             assert str(ref.dataId["visit"]) not in header["TMPLVIS"].split()
             assert "NOTEMPL" in header or header["KSTARS"] >= 3 and header["BUNIT"] == "nJy"
@@ -524,8 +524,10 @@ def test_survey_maps_plots_and_metrics_at_the_campaign_site(result, sites_file):
     for band in bands:
         for name in CONSOLIDATED.values():
             assert home.get(name, skymap="mini_skymap", band=band).n_valid > 0
-        uri = home.getURI("deep_coadd_property_map_survey_plot", skymap="mini_skymap", band=band)
-        assert uri.read().startswith(b"\x89PNG")
+        plot = home.find_dataset("deep_coadd_property_map_survey_plot", skymap="mini_skymap",
+                                 band=band)
+        with open_dataset_file(home, plot) as f:
+            assert f.read().startswith(b"\x89PNG")
         metrics = home.get("property_map_metrics", skymap="mini_skymap", band=band)
         assert list(metrics["property"]) == ["n_exposure", "exposure_time", "psf_size", "psf_maglim"]
         assert (metrics["area_deg2"] > 0).all()
@@ -642,6 +644,37 @@ def test_rescue_reruns_only_what_failed(campaign, corrupt, sites_file):
         (corrupt["visit"], corrupt["detector"])]
 
 
+def damage(store, uri: str, how: str) -> None:
+    """Truncate a file, change one of its bytes or delete it; a file inside a zip (transferred
+    small files are kept so) by writing the zip again with that file alone changed."""
+    import io
+    import zipfile
+
+    from drp_flows.sites.storage import ZIP_MEMBER, zip_bytes
+
+    def changed(data: bytes) -> bytes:
+        return (data[:len(data) // 2] if how == "truncate" else
+                data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+
+    if ZIP_MEMBER not in uri:
+        data = store.open(uri).read()
+        if how == "delete":
+            store.rm(uri)
+        else:
+            with store.open(uri, "wb") as f:
+                f.write(changed(data))
+        return
+    archive, _, name = uri.partition(ZIP_MEMBER)
+    with store.open(archive) as f, zipfile.ZipFile(io.BytesIO(f.read())) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    if how == "delete":
+        del members[name]
+    else:
+        members[name] = changed(members[name])
+    with store.open(archive, "wb") as f:
+        f.write(zip_bytes(members))
+
+
 @pytest.mark.changes_campaign
 def test_verify_finds_every_damaged_product_and_a_rerun_repairs_them(campaign):
     """Products of the whole campaign damaged at every site (one truncated, one with a byte
@@ -668,13 +701,7 @@ def test_verify_finds_every_damaged_product_and_a_rerun_repairs_them(campaign):
         which += [(name, r.datasetType.name, dict(r.dataId.required)) for r in refs]
         for how, uri in zip(("truncate", "flip", "delete"), dataset_uris(butler, site.store, refs),
                             strict=True):
-            data = site.store.open(uri).read()
-            if how == "delete":
-                site.store.rm(uri)
-            else:
-                with site.store.open(uri, "wb") as f:
-                    f.write(data[:len(data) // 2] if how == "truncate" else
-                            data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+            damage(site.store, uri, how)
             damaged.add((name, uri))
     out = CliRunner().invoke(app, ["verify", CAMPAIGN, "--sites", campaign.in_process, "--repair"])
     assert out.exit_code == 5, out.output

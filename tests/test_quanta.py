@@ -75,6 +75,42 @@ def test_failures_are_data_and_transients_retry(executor, tmp_path):
         assert by_det[d].seconds > 0 and by_det[d].peak_rss_mb > 0
 
 
+def small_or_bad(quantum, storage, out, config):
+    """A tiny step: a small output; bad data on detector 5."""
+    if quantum.data_id["detector"] == 5:
+        raise DataError("bad")
+    out.write("thing", f"payload {quantum.data_id['detector']}".encode() * 100)
+
+
+def test_a_cluster_of_tiny_quanta_writes_its_small_outputs_in_one_zip(executor, tmp_path):
+    """Once the first tiny quanta have shown how short they are, they go in clusters; a
+    cluster's outputs are one zip in the repository, each output's manifest naming its file
+    inside it; a failed quantum's output is in none."""
+    import hashlib
+
+    from drp_flows.sites.storage import ZIP_MEMBER, split_member
+
+    storage = Storage(f"file://{tmp_path}")
+    quanta = [_q(1, d, thing=storage.join("repo", "run", "thing", f"{d}.txt")) for d in range(60)]
+    results = executor.run(small_or_bad, storage, {}, quanta, token="z", memory=10**8)
+    by_det = {r.data_id["detector"]: r for r in results}
+    assert not by_det[5].ok and not by_det[5].outputs
+    zipped = [m for r in results for m in r.outputs if ZIP_MEMBER in m.uri]
+    archives = {split_member(m.uri)[0] for m in zipped}
+    assert len(zipped) >= 30 and len(archives) <= len(zipped) / 3, (len(zipped), len(archives))
+    assert all(a.startswith(storage.join("repo", "zips") + "/") for a in archives)
+    for d, r in by_det.items():
+        if d == 5:
+            continue
+        (m,) = r.outputs
+        data = storage.open(m.uri).read()
+        assert data == f"payload {d}".encode() * 100
+        assert (m.bytes, m.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        if ZIP_MEMBER in m.uri:
+            assert split_member(m.uri)[1] == f"run/thing/{d}.txt"
+            assert not storage.exists(quanta[d].outputs["thing"])    # not written loose too
+
+
 def test_missing_output_is_a_failure(executor, tmp_path):
     storage = Storage(f"file://{tmp_path}")
     q = Quantum("demo", {"visit": 1, "detector": 0}, outputs={"thing": storage.join("a"),

@@ -6,6 +6,7 @@ from conftest import UKDF_BUCKET
 from drp_flows.datamodel import RAW_RUN, campaign_collection
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import load_sites
+from drp_flows.sites.storage import ZIP_MEMBER
 
 
 def test_s3_site_set_up_and_ran_its_share(campaign):
@@ -25,7 +26,18 @@ def test_s3_site_set_up_and_ran_its_share(campaign):
     assert uri.scheme == "s3" and UKDF_BUCKET in str(uri)
     assert butler.get(refs[0])["IMAGE"].data.shape == (384, 384)
     keys = site.store.fs.find(f"{UKDF_BUCKET}/drp/repo/{campaign_collection(campaign.name)}")
-    assert sum("/preliminary_visit_image_" in k for k in keys) == len(refs)
+    uris = {r: str(butler.getURI(r)) for r in refs}
+    assert sum("/preliminary_visit_image_" in k for k in keys) == sum(
+        ZIP_MEMBER not in u for u in uris.values())
+    # small files are kept in zips on the bucket (what transfers brought, what clusters of
+    # tiny quanta made) and read in place from there
+    zipped = [r for t in ("fgcm_photo_calib", "preliminary_visit_summary", "visit_summary",
+                          "preliminary_visit_image")
+              for r in butler.registry.queryDatasets(t) if ZIP_MEMBER in str(butler.getURI(r))]
+    assert zipped, "no dataset in a zip at ukdf"
+    assert {r.datasetType.name for r in zipped} >= {"fgcm_photo_calib"}
+    for ref in zipped[:3]:
+        assert len(butler.get(ref)) > 0, ref
     # and the products of its tract: coadds, objects, DIA objects
     for dataset_type in ("deep_coadd", "object", "dia_object"):
         tracts = {int(r.dataId["tract"]) for r in butler.registry.queryDatasets(dataset_type)}

@@ -1,8 +1,10 @@
-"""The transfer mechanism on its own: small files in zip bundles and large ones alone over
-parallel streams, every file's sha256 checked at the far side, damage in flight detected and
-the file or bundle sent again; local -> local and S3 -> S3 across two moto_server endpoints."""
+"""The transfer mechanism on its own: small files in zip bundles (kept as zips at the
+destination, read in place) and large ones alone over parallel streams, what arrived checked
+against what left, damage in flight detected and the file or bundle sent again; local ->
+local and S3 -> S3 across two moto_server endpoints."""
 
 import hashlib
+import os
 from datetime import timedelta
 
 import numpy as np
@@ -23,7 +25,7 @@ from drp_flows.engine.transfer import (
 )
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import EmbargoConfig, load_sites
-from drp_flows.sites.storage import Storage
+from drp_flows.sites.storage import ZIP_MEMBER, Storage, split_member
 from drp_flows.tasks.ingest import site_exposures
 from drp_flows.validation.simulate import load_survey
 
@@ -81,25 +83,31 @@ def test_plan_units_bundles_the_small_files():
 def test_local_copy_in_bundles_over_streams(tmp_path):
     source, destination = Storage(f"file://{tmp_path}/a"), Storage(f"file://{tmp_path}/b")
     items = _to(destination, _files(source, 300, 3))
-    copied = copy_items(Ledger("test", "a", "b"), source, destination, items,
-                        bundle_bytes=100_000, small_bytes=20_000, streams=4)
+    copied = Ledger("test", "a", "b")
+    placed = copy_items(copied, source, destination, items, bundle_bytes=100_000,
+                        small_bytes=20_000, streams=4)
     assert copied.bundles >= 5 and copied.retries == 0
     assert copied.bytes == sum(source.fs.size(source.path(i.source_uri)) for i in items)
-    assert _same_bytes(source, destination, items)
-    assert not destination.exists(destination.join("transfers")) or not destination.fs.ls(
-        destination.path(destination.join("transfers")))          # staging left empty
+    assert _same_bytes(source, destination, placed)
+    # the small files are read in place from their zips, one zip a bundle; the large ones alone
+    zipped = {split_member(p.destination_uri)[0] for p in placed if ZIP_MEMBER in p.destination_uri}
+    assert len(zipped) == copied.bundles and sum(ZIP_MEMBER in p.destination_uri for p in placed) == 300
+    assert all(destination.exists(p.destination_uri) for p in placed if ZIP_MEMBER not in p.destination_uri)
+    recorded = {p.source_uri: (p.size, p.sha256) for p in placed}
+    assert recorded == {i.source_uri: (len(d), hashlib.sha256(d).hexdigest())
+                        for i, d in zip(items, source.read_all([i.source_uri for i in items]))}
 
 
 def test_damage_in_flight_is_detected_and_resent(tmp_path):
     source = Storage(f"file://{tmp_path}/a")
     destination = Damaging(f"file://{tmp_path}/b", options={})
     items = _to(destination, _files(source, 40, 2))
-    copied = copy_items(Ledger("test", "a", "b"), source, destination, items,
-                        bundle_bytes=30_000, small_bytes=20_000)
-    # every first write is damaged: each large file is sent twice; each bundle three times
-    # (its zip arrived damaged, then the files unpacked from it did)
-    assert copied.retries == 2 + 2 * copied.bundles and copied.bundles >= 2
-    assert _same_bytes(source, destination, items)
+    copied = Ledger("test", "a", "b")
+    placed = copy_items(copied, source, destination, items, bundle_bytes=30_000,
+                        small_bytes=20_000)
+    # every first write is damaged: each large file and each bundle is sent twice
+    assert copied.retries == 2 + copied.bundles and copied.bundles >= 2
+    assert _same_bytes(source, destination, placed)
 
 
 def test_damage_that_persists_is_a_clear_error(tmp_path):
@@ -107,7 +115,7 @@ def test_damage_that_persists_is_a_clear_error(tmp_path):
     destination = Damaging(f"file://{tmp_path}/b", options={})
     destination.damage = 99
     items = _to(destination, _files(source, 0, 1))
-    with pytest.raises(TransferError, match="file_0000.fits.*checksums differ.*after 3 attempts"):
+    with pytest.raises(TransferError, match="file_0000.fits.*what arrived differs.*after 3 attempts"):
         copy_items(Ledger("test", "a", "b"), source, destination, items)
 
 
@@ -136,13 +144,38 @@ def test_s3_to_s3_across_two_endpoints(s3_credentials):
         source = Storage("s3://usdf-drp/drp", options={"endpoint_url": usdf}, profile="usdf")
         destination = Storage("s3://frdf-drp/drp", options={"endpoint_url": frdf}, profile="frdf")
         items = _to(destination, _files(source, 120, 2))
-        copied = copy_items(Ledger("test", "a", "b"), source, destination, items,
-                            bundle_bytes=60_000, small_bytes=20_000)
+        copied = Ledger("test", "a", "b")
+        placed = copy_items(copied, source, destination, items, bundle_bytes=60_000,
+                            small_bytes=20_000)
         assert copied.bundles >= 3
-        assert _same_bytes(source, destination, items)
+        assert _same_bytes(source, destination, placed)
         # the bytes went to the other endpoint: the source's knows no such bucket
         assert not Storage("s3://frdf-drp/drp", options={"endpoint_url": usdf}).exists(
-            items[0].destination_uri)
+            split_member(placed[0].destination_uri)[0])
+
+
+def test_s3_keys_from_an_aws_profile_file(s3_credentials, tmp_path, monkeypatch):
+    """No keys in the environment, a profile in an AWS credentials file: the site's storage
+    (s3fs) and its Butler's (lsst.resources, through the site's endpoint profile) both use it."""
+    from lsst.resources import ResourcePath
+
+    (tmp_path / "credentials").write_text("[drp]\naws_access_key_id = profilekey\n"
+                                          "aws_secret_access_key = profilesecret\n")
+    with moto_server("profile-drp") as endpoint:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+        monkeypatch.setenv("AWS_PROFILE", "drp")
+        store = Storage("s3://profile-drp/drp", options={"endpoint_url": endpoint},
+                        profile="profiletest")
+        with store.open(store.join("a.txt"), "wb") as f:
+            f.write(b"written by s3fs")
+        uri = ResourcePath(store.butler_uri("a.txt"))
+        assert uri.read() == b"written by s3fs"
+        assert "profilekey" in os.environ["LSST_RESOURCES_S3_PROFILE_profiletest"]
+        monkeypatch.setenv("AWS_PROFILE", "none-such")
+        with pytest.raises(Exception, match="none-such|no S3 keys"):
+            store.butler_uri("a.txt")
 
 
 def test_embargoed_datasets_are_refused_outside_embargo_sites(three_sites):

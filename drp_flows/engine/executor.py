@@ -44,7 +44,14 @@ from dask.utils import format_bytes
 from distributed import Client, Future
 from distributed.scheduler import KilledWorker
 
-from drp_flows.engine.quanta import Quantum, QuantumResult, StepFunction, execute_quantum
+from drp_flows.engine.quanta import (
+    BUNDLE,
+    Quantum,
+    QuantumResult,
+    StepFunction,
+    ZipBundle,
+    execute_quantum,
+)
 from drp_flows.sites.storage import Storage
 
 MEMORY = "MEMORY"             # the Dask resource every worker we start advertises, in bytes
@@ -59,8 +66,18 @@ MAX_CLUSTER = 64              # ... and at most this many quanta
 
 
 def run_cluster(fn: Callable[[Quantum], QuantumResult], quanta: list[Quantum]) -> list[QuantumResult]:
-    """A Dask task: the quanta one after the other on one worker thread."""
-    return [fn(q) for q in quanta]
+    """A Dask task: the quanta one after the other on one worker thread; the small outputs of
+    a cluster of several go into one zip, written when the last has run (engine/quanta.py
+    ZipBundle)."""
+    if len(quanta) == 1:
+        return [fn(quanta[0])]
+    bundle = ZipBundle()
+    token = BUNDLE.set(bundle)
+    try:
+        results = [fn(q) for q in quanta]
+    finally:
+        BUNDLE.reset(token)
+    return bundle.write(results)
 
 
 def execute_again(step: StepFunction, storage: Storage, config: dict,

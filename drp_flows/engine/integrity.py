@@ -10,6 +10,7 @@ Raws, calibrations and reference catalogs came from outside a campaign and are n
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from drp_flows.engine.planning import dataset_uris, existing_collections
 from drp_flows.engine.register import read_manifests
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import CampaignSites, SiteConfig
-from drp_flows.sites.storage import Storage, digest
+from drp_flows.sites.storage import ZIP_MEMBER, Storage, digest, split_member
 
 READERS = 8     # files re-read at once
 
@@ -67,16 +68,27 @@ def recorded(sources: Iterable[tuple[Storage, list[str]]]) -> dict[str, tuple[in
     return {key: (size, sha256) for key, (_, size, sha256) in latest.items()}
 
 
-def _check(site: SiteConfig, uri: str, size: int, sha256: str) -> str:
-    """Why the file at `uri` is not what was recorded ('' when it is)."""
+def _check(store: Storage, uris: list[str], expected: list[tuple[int, str]]) -> list[str]:
+    """Why each file is not what was recorded ('' when it is): a file alone, read in chunks,
+    or files inside one zip, read from one opening of it."""
     try:
-        with site.store.open(uri, "rb") as f:
-            n, sha = digest(f)
+        if len(uris) == 1 and ZIP_MEMBER not in uris[0]:
+            with store.open(uris[0], "rb") as f:
+                found = [digest(f)]
+        else:
+            found = [None if d is None else (len(d), hashlib.sha256(d).hexdigest())
+                     for d in store.read_all(uris, missing_ok=True)]
     except FileNotFoundError:
+        return ["missing"] * len(uris)
+    return [_why(f, *e) for f, e in zip(found, expected, strict=True)]
+
+
+def _why(found: tuple[int, str] | None, size: int, sha256: str) -> str:
+    if found is None:
         return "missing"
-    if n != size:
-        return f"{n} bytes, {size} recorded"
-    if sha != sha256:
+    if found[0] != size:
+        return f"{found[0]} bytes, {size} recorded"
+    if found[1] != sha256:
         return "sha256 differs from the one recorded when it was written"
     return ""
 
@@ -99,9 +111,16 @@ def verify_site(site: SiteConfig, campaign: str, records: dict[str, tuple[int, s
     if fraction < 1.0:
         refs = random.Random(seed).sample(refs, round(len(refs) * fraction))
     uris = dataset_uris(butler, site.store, refs)
+    files: dict[str, list[int]] = {}      # a file, or a zip: the products read from it
+    for k, uri in enumerate(uris):
+        files.setdefault(split_member(uri)[0], []).append(k)
+    whys = [""] * len(uris)
     with ThreadPoolExecutor(READERS) as pool:
-        whys = list(pool.map(lambda ru: _check(site, ru[1], *records[str(ru[0].id)]),
-                             zip(refs, uris, strict=True)))
+        for ks, found in zip(files.values(), pool.map(
+                lambda ks: _check(site.store, [uris[k] for k in ks],
+                                  [records[str(refs[k].id)] for k in ks]), files.values())):
+            for k, why in zip(ks, found, strict=True):
+                whys[k] = why
     damaged = [(ref, Damaged(site.name, ref.datasetType.name, dict(ref.dataId.required), uri, why))
                for ref, uri, why in zip(refs, uris, whys, strict=True) if why]
     result = Verification(len(refs), [d for _, d in damaged])

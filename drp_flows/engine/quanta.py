@@ -17,10 +17,17 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 
 from drp_flows.errors import CorruptInput, DataError
-from drp_flows.sites.storage import Storage
+from drp_flows.sites.storage import (
+    SMALL_FILE_BYTES,
+    Storage,
+    member_name,
+    member_uri,
+    zip_bytes,
+)
 
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
 # OSErrors that a second try may not meet (a storage server's hiccup), unlike a missing file
@@ -121,8 +128,41 @@ class QuantumResult:
         return self.status == "done"
 
 
+class ZipBundle:
+    """The small outputs of a cluster of quanta (engine/executor.py run_cluster), held in
+    memory and written as one zip when the cluster ends: one write instead of one a file, and
+    a transfer later reads them in one go (S3 pays per zip, not per file). The Butler reads
+    each in place (`<zip>#zip-path=<name>`)."""
+
+    def __init__(self):
+        self.storage: Storage | None = None
+        self.files: dict[str, bytes] = {}         # planned URI -> bytes
+
+    def keep(self, storage: Storage, uri: str, data: bytes) -> None:
+        self.storage = storage
+        self.files[uri] = data
+
+    def write(self, results: list[QuantumResult]) -> list[QuantumResult]:
+        """The zip of the done quanta's kept outputs (a failed quantum's are dropped); their
+        manifests name each file in it."""
+        kept = {m.uri for r in results if r.ok for m in r.outputs if m.uri in self.files}
+        if not kept:
+            return results
+        archive = self.storage.new_zip()
+        paths = {uri: self.storage.repo_path(uri) for uri in kept}
+        with self.storage.open(archive, "wb") as f:
+            f.write(zip_bytes({member_name(paths[uri]): self.files[uri] for uri in sorted(kept)}))
+        return [replace(r, outputs=[replace(m, uri=member_uri(archive, paths[m.uri]))
+                                    if m.uri in kept else m for m in r.outputs])
+                for r in results]
+
+
+BUNDLE: ContextVar[ZipBundle | None] = ContextVar("drp_zip_bundle", default=None)
+
+
 class OutputWriter:
-    """Writes a quantum's outputs to their planned URIs and records size and checksum."""
+    """Writes a quantum's outputs to their planned URIs (a small one into its cluster's zip,
+    when it runs in a cluster) and records size and checksum."""
 
     def __init__(self, storage: Storage, quantum: Quantum):
         self.storage, self.quantum = storage, quantum
@@ -130,8 +170,12 @@ class OutputWriter:
 
     def write(self, dataset_type: str, data: bytes, data_id: dict | None = None) -> None:
         uri = self.quantum.outputs[dataset_type]
-        with self.storage.open(uri, "wb") as f:
-            f.write(data)
+        bundle = BUNDLE.get()
+        if bundle is not None and len(data) < SMALL_FILE_BYTES:
+            bundle.keep(self.storage, uri, data)
+        else:
+            with self.storage.open(uri, "wb") as f:
+                f.write(data)
         self.written.append(OutputManifest(dataset_type, data_id or self.quantum.data_id, uri,
                                            len(data), hashlib.sha256(data).hexdigest()))
 

@@ -1,9 +1,10 @@
 """Registration (BPS's finalJob): bulk, idempotent ingest of quantum manifests into a Butler.
 
-Workers wrote the files inside the site's datastore root; registration records them in place
-(transfer=None), one call per batch, skipping datasets that are already registered, with the
-size and sha256 each quantum measured as it wrote (in the datastore's records: the next
-quanta check what they read against them).
+Workers wrote the files inside the site's datastore root (a cluster's small outputs in one
+zip, each read in place from it); registration records them in place (transfer=None), one call
+per batch, skipping datasets that are already registered, with the size and sha256 each
+quantum measured as it wrote (in the datastore's records: the next quanta check what they read
+against them).
 It runs in the flow process, the only writer of the site's registry.
 
 The manifests themselves are kept beside the repository (`<storage>/manifests/<run>/`, one

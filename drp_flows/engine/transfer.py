@@ -1,36 +1,40 @@
 """Closed-loop transfers of Butler datasets between sites (every data movement of ARCHITECTURE.md).
 
-plan (which datasets, how many bytes, what the destination already has) -> copy through fsspec
-over parallel streams, large files alone and small ones in zip bundles (one round trip per
-bundle; checked and unpacked in the destination's staging area), every file's sha256 checked
-against the one recorded when it was made before it leaves (when the caller knows it) and on
-the far side and the file or bundle sent again when it does not match ->
-ingest at the destination in place (dimension records first, same dataset IDs and RUNs, what
-exists is skipped) -> verify that every planned dataset is now registered there -> a ledger
-(files, bundles, bytes, seconds, MB/s). Nothing is ingested before its checksum matched, and
-nothing is reported done before the verification passes.
+plan (which datasets, how many bytes, what the destination already has, each file's size and
+sha256 from the source's records) -> copy through fsspec over parallel streams, large files
+alone and small ones in zip bundles that stay zips at the destination (one round trip per
+bundle at that end; the Butler reads a file in place from its zip, `<zip>#zip-path=<name>`),
+every file checked against the sha256 recorded when it was made as it leaves, and what
+arrived read back and compared with what was sent, file or bundle sent again when it differs
+-> ingest at the destination in place (dimension records first, same dataset IDs and RUNs,
+each file's size and sha256 in the records) -> verify that every planned dataset is now
+registered there -> a ledger (files, bundles, bytes, seconds, MB/s). Nothing is ingested
+before its checksum matched, and nothing is reported done before the verification passes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import time
-import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lsst.daf.butler import Butler, DatasetRef, FileDataset
 
 from drp_flows.engine.planning import dataset_uris
 from drp_flows.sites.butler import formatter_for, ingest_recorded
-from drp_flows.sites.storage import Storage
+from drp_flows.sites.storage import (
+    SMALL_FILE_BYTES,
+    Storage,
+    member_name,
+    member_uri,
+    split_member,
+    zip_bytes,
+)
 from drp_flows.tasks.camera import INSTRUMENT
 
 COPY_ATTEMPTS = 3
 BUNDLE_BYTES = 32 * 2**20        # target zip bundle size
-SMALL_FILE_BYTES = 4 * 2**20     # files below this travel in bundles
 STREAMS = 4                      # files and bundles copied at once
 
 
@@ -79,7 +83,9 @@ def plan_transfer(source: Butler, source_store: Storage, destination: Butler,
         for ref, uri in zip(refs, dataset_uris(source, source_store, refs), strict=True):
             if not uri.startswith(source_root):
                 raise TransferError(f"{ref} at {uri} lies outside the repository {source_root}")
-            items.append(TransferItem(ref, str(uri), destination_store.join("repo", uri[len(source_root) + 1:]),
+            # where it lies in the repository (in a zip: its name there)
+            path = split_member(uri)[1] or uri[len(source_root) + 1:]
+            items.append(TransferItem(ref, str(uri), destination_store.join("repo", path),
                                       getattr(uri, "sha256", ""), getattr(uri, "size", -1)))
     return items
 
@@ -144,87 +150,69 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return buffer.getvalue()
-
-
-def _write_unit(destination_store: Storage, unit: list[TransferItem], data: dict[str, bytes],
-                staging: str) -> bool:
-    """One file straight to its place; a bundle as one zip to the destination's staging area,
-    checked there and unpacked, then removed. False if the bundle arrived damaged."""
-    if len(unit) == 1:
-        with destination_store.open(unit[0].destination_uri, "wb") as f:
-            f.write(data[unit[0].source_uri])
-        return True
-    names = {item.source_uri: f"{k:05d}" for k, item in enumerate(unit)}
-    bundle = _zip({names[u]: d for u, d in data.items()})
-    try:
-        with destination_store.open(staging, "wb") as f:
-            f.write(bundle)
-        with destination_store.open(staging, "rb") as f:
-            arrived = f.read()
-        if _sha256(arrived) != _sha256(bundle):
-            return False
-        with zipfile.ZipFile(io.BytesIO(arrived)) as z:
-            for item in unit:
-                with destination_store.open(item.destination_uri, "wb") as out:
-                    out.write(z.read(names[item.source_uri]))
-        return True
-    finally:
-        destination_store.rm(staging)
-
-
-def copy_unit(source_store: Storage, destination_store: Storage, unit: list[TransferItem],
-              staging: str) -> tuple[int, int]:
-    """Copy one file or bundle, re-reading every file at the destination until its sha256
-    matches the source's (COPY_ATTEMPTS at most). Returns (bytes, retries)."""
-    data = {}
-    for item in unit:
-        with source_store.open(item.source_uri, "rb") as f:
-            data[item.source_uri] = f.read()
-        if item.sha256 and _sha256(data[item.source_uri]) != item.sha256:
+def _read_checked(source_store: Storage, unit: list[TransferItem]) -> tuple[list[bytes], list[str]]:
+    """The files' bytes at the source (those in one zip from one reading of it) and their
+    sha256, refused when one differs from its record."""
+    data = source_store.read_all([item.source_uri for item in unit])
+    digests = [_sha256(d) for d in data]
+    for item, digest in zip(unit, digests, strict=True):
+        if item.sha256 and digest != item.sha256:
             raise TransferError(
                 f"{item.source_uri} at {source_store.root} is damaged: its sha256 differs from "
                 "the one recorded when it was made, so it is not sent on (`drp verify "
                 "CAMPAIGN --repair` unregisters it, and a re-run makes it again)")
-    digests = {item.destination_uri: _sha256(data[item.source_uri]) for item in unit}
+    return data, digests
+
+
+def copy_unit(source_store: Storage, destination_store: Storage,
+              unit: list[TransferItem]) -> tuple[list[TransferItem], int, int]:
+    """Copy one file to its place, or a bundle of small files as one new zip, where they are
+    read in place (`<zip>#zip-path=<name>`). Each file is checked against its record as it
+    leaves; what arrived is read back and compared with what was sent, byte for byte, and
+    sent again if it differs (COPY_ATTEMPTS at most). Returns the items as placed
+    (destination URI, size and sha256 filled in), the files' bytes and the retries."""
+    data, digests = _read_checked(source_store, unit)
+    if len(unit) == 1:
+        target, payload = unit[0].destination_uri, data[0]
+        placed = [replace(unit[0], sha256=digests[0], size=len(data[0]))]
+    else:
+        paths = [destination_store.repo_path(item.destination_uri) for item in unit]
+        target = destination_store.new_zip()
+        payload = zip_bytes({member_name(p): d for p, d in zip(paths, data, strict=True)})
+        placed = [replace(item, destination_uri=member_uri(target, path), sha256=digest,
+                          size=len(d)) for item, path, d, digest in zip(unit, paths, data, digests,
+                                                                        strict=True)]
     for attempt in range(COPY_ATTEMPTS):
-        if not _write_unit(destination_store, unit, data, staging):
-            continue                     # a bundle damaged in flight: send it again
-        bad = []
-        for uri, digest in digests.items():
-            with destination_store.open(uri, "rb") as f:
-                if _sha256(f.read()) != digest:
-                    bad.append(uri)
-        if not bad:
-            return sum(map(len, data.values())), attempt
+        with destination_store.open(target, "wb") as f:
+            f.write(payload)
+        with destination_store.open(target, "rb") as f:
+            if f.read() == payload:     # byte for byte: what arrived is what was checked
+                return placed, sum(map(len, data)), attempt
     raise TransferError(f"{unit[0].destination_uri}" + (f" and {len(unit) - 1} more" if len(unit) > 1 else "")
-                        + f": checksums differ from the source's at {source_store.root} after "
+                        + f": what arrived differs from what left {source_store.root} after "
                         f"{COPY_ATTEMPTS} attempts")
 
 
 def copy_items(ledger: Ledger, source_store: Storage, destination_store: Storage,
                items: list[TransferItem], bundle_bytes: int = BUNDLE_BYTES,
-               small_bytes: int = SMALL_FILE_BYTES, streams: int = STREAMS) -> Ledger:
-    """Copy files and bundles over `streams` parallel streams, each checked at the far side;
-    bytes, bundles and retries go into the ledger."""
-    units = plan_units(items, file_sizes(source_store, [i.source_uri for i in items]), bundle_bytes,
-                       small_bytes)
-    staging = destination_store.join("transfers", uuid.uuid4().hex)
+               small_bytes: int = SMALL_FILE_BYTES, streams: int = STREAMS) -> list[TransferItem]:
+    """Copy files and bundles over `streams` parallel streams, each checked at the far side
+    (bundles stay zips, in the destination repository's `zips/` folder); bytes, bundles and
+    retries go into the ledger. Returns the items as placed."""
+    sizes = {i.source_uri: i.size for i in items if i.size >= 0}
+    unknown = [i.source_uri for i in items if i.size < 0]
+    units = plan_units(sorted(items, key=lambda i: i.source_uri),   # a zip's files together
+                       sizes | file_sizes(source_store, unknown), bundle_bytes, small_bytes)
     with ThreadPoolExecutor(max_workers=streams) as pool:
-        results = list(pool.map(lambda k: copy_unit(source_store, destination_store, units[k],
-                                                    f"{staging}/bundle-{k:05d}.zip"),
-                                range(len(units))))
-    destination_store.rm(staging)
+        results = list(pool.map(lambda unit: copy_unit(source_store, destination_store, unit),
+                                units))
     ledger.bundles += sum(len(u) > 1 for u in units)
-    for size, retries in results:
+    placed = []
+    for unit, size, retries in results:
+        placed += unit
         ledger.bytes += size
         ledger.retries += retries
-    return ledger
+    return placed
 
 
 def ingest_items(source: Butler, destination: Butler, destination_store: Storage,
@@ -238,7 +226,8 @@ def ingest_items(source: Butler, destination: Butler, destination_store: Storage
     datasets = [FileDataset(path=destination_store.butler_uri_of(i.destination_uri), refs=[i.ref],
                             formatter=formatter_for(i.ref.datasetType.storageClass_name))
                 for i in items]
-    ingest_recorded(destination, datasets, {i.ref.id: (i.size, i.sha256) for i in items if i.sha256})
+    ingest_recorded(destination, datasets, {d.refs[0].id: (i.size, i.sha256)
+                                            for d, i in zip(datasets, items, strict=True)})
 
 
 def verify(destination: Butler, items: list[TransferItem]) -> None:
@@ -255,9 +244,9 @@ def transfer(ledger: Ledger, source: Butler, source_store: Storage, destination:
     """Copy and check, ingest and verify planned items, filling in the ledger."""
     ledger.datasets = ledger.files = len(items)
     start = time.perf_counter()
-    copy_items(ledger, source_store, destination_store, items)
-    if items:
-        ingest_items(source, destination, destination_store, items)
-        verify(destination, items)
+    placed = copy_items(ledger, source_store, destination_store, items)
+    if placed:
+        ingest_items(source, destination, destination_store, placed)
+        verify(destination, placed)
     ledger.seconds = time.perf_counter() - start
     return ledger

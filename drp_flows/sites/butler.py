@@ -8,14 +8,24 @@ registration only records what they wrote.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from astropy.io import fits
-from lsst.daf.butler import Butler, CollectionType, Config, DatasetType, FileDataset, FormatterV2
+from lsst.daf.butler import (
+    Butler,
+    CollectionType,
+    Config,
+    DatasetRef,
+    DatasetType,
+    FileDataset,
+    FormatterV2,
+)
 from lsst.resources import ResourcePath
 
 from drp_flows.datamodel import (
@@ -28,7 +38,7 @@ from drp_flows.datamodel import (
 )
 from drp_flows.errors import InputError
 from drp_flows.sites.config import SiteConfig
-from drp_flows.sites.storage import digest
+from drp_flows.sites.storage import ZIP_MEMBER, digest
 
 
 class FitsFormatter(FormatterV2):
@@ -196,18 +206,41 @@ def ingest_recorded(butler: Butler, datasets: list[FileDataset],
     every file (a request per file on S3). The planner hands them to the quanta, which check
     every input they read whole against them (engine/quanta.py read_input); the Butler's own
     `get` checks the size. Datasets already registered (skipped) get the new record: their
-    file was written again."""
+    file was written again, perhaps elsewhere (a new zip).
+
+    Ingested in place, a dataset's path may name a file inside a zip, `<zip>#zip-path=<name>`:
+    its record says so, daf_butler's form for a file read in place from a zip (what its
+    ingest_zip writes, without the index file that needs inside the zip)."""
+    datastore = butler._datastore                      # noqa: SLF001 (no public records API)
+    root = str(datastore.root).rstrip("/") + "/"
+    paths = {}    # in place: each record's path anew (a file written again may lie elsewhere)
+    for dataset in datasets if transfer is None else ():
+        archive, _, member = str(dataset.path).partition(ZIP_MEMBER)
+        if not archive.startswith(root):
+            raise ValueError(f"{archive} lies outside the datastore {root}")
+        dataset.path, inside = archive, archive[len(root):]
+        paths[dataset.refs[0].id] = inside + ZIP_MEMBER + member if member else inside
     with butler.transaction():
         butler.ingest(*datasets, transfer=transfer, skip_existing=True,
                       record_validation_info=transfer is not None)
-        table = butler._datastore._table               # noqa: SLF001 (no public records API)
         rows = [dict(row) | {"file_size": files[row["dataset_id"]][0],
-                             "checksum": files[row["dataset_id"]][1]}
-                for row in table.fetch(dataset_id=list(files))]
-        table.replace(*rows)
+                             "checksum": files[row["dataset_id"]][1],
+                             "path": paths.get(row["dataset_id"], row["path"])}
+                for row in datastore._table.fetch(dataset_id=list(files))]
+        datastore._table.replace(*rows)
 
 
 def file_sha256(path: str | Path) -> tuple[int, str]:
     """Size and sha256 of a local file."""
     with open(path, "rb") as f:
         return digest(f)
+
+
+def open_dataset_file(butler: Butler, ref: DatasetRef) -> IO[bytes]:
+    """A dataset's file for reading through lsst.resources, whose `open` would give the whole
+    zip for a file inside one (`<zip>#zip-path=<name>`): such a file is read from it whole."""
+    uri = butler.getURI(ref)
+    if not uri.fragment.startswith("zip-path="):
+        return uri.open("rb")
+    with uri.replace(fragment="").open("rb") as f, zipfile.ZipFile(f) as z:
+        return io.BytesIO(z.read(uri.fragment.removeprefix("zip-path=")))

@@ -1,17 +1,21 @@
 """Where a site's bytes live: fsspec filesystems for file:// and s3://, and checksums.
 
 A `Storage` is small and picklable so quanta carry it to the workers; it holds no credentials.
-S3 credentials come from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) on
-whichever machine opens the filesystem. Each S3 site may have its own endpoint, so for the
-Butler (lsst.resources) the site's bucket is addressed through a named S3 profile
-(`s3://<profile>@bucket/...`, endpoint in LSST_RESOURCES_S3_PROFILE_<profile>).
+S3 credentials come from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or
+the standard AWS profile files on whichever machine opens the filesystem. Each S3 site may have
+its own endpoint, so for the Butler (lsst.resources) the site's bucket is addressed through a
+named S3 profile (`s3://<profile>@bucket/...`, endpoint and keys in the process's environment
+variable LSST_RESOURCES_S3_PROFILE_<profile>, never in a file).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import IO
@@ -22,6 +26,9 @@ import fsspec
 from drp_flows.errors import InputError
 
 CHUNK = 8 * 2**20
+ZIP_MEMBER = "#zip-path="     # a file inside a zip, as daf_butler writes it: <zip URI>#zip-path=<name>
+SMALL_FILE_BYTES = 4 * 2**20  # files below this are kept in zips (a cluster's outputs, a transfer's)
+FLAT = "~"                    # '/' in a file's name inside a zip (never in our paths)
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,44 @@ class Storage:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def open(self, uri: str, mode: str = "rb") -> IO:
+        """A file of this storage; a file inside a zip (transfers store small files so) is
+        read whole from it, the zip's directory and the member in a few ranged reads."""
+        if ZIP_MEMBER in uri:
+            if mode != "rb":
+                raise ValueError(f"{uri}: a file inside a zip can only be read")
+            return io.BytesIO(self.read_all([uri])[0])
         if "w" in mode and self.scheme == "file":
             self.fs.makedirs(os.path.dirname(self.path(uri)), exist_ok=True)
         return self.fs.open(self.path(uri), mode)
+
+    def read_all(self, uris: list[str], missing_ok: bool = False) -> list[bytes | None]:
+        """Several files' bytes, in order; those inside one zip from one opening of it.
+        `missing_ok`: None for a file missing from its zip instead of FileNotFoundError."""
+        archives: dict[str, list[int]] = {}
+        out: list[bytes | None] = [None] * len(uris)
+        for k, uri in enumerate(uris):
+            if ZIP_MEMBER in uri:
+                archives.setdefault(uri.partition(ZIP_MEMBER)[0], []).append(k)
+            else:
+                with self.open(uri, "rb") as f:
+                    out[k] = f.read()
+        for archive, ks in archives.items():
+            with self.fs.open(self.path(archive), "rb") as f, zipfile.ZipFile(f) as z:
+                for k in ks:
+                    try:
+                        out[k] = z.read(uris[k].partition(ZIP_MEMBER)[2])
+                    except KeyError:
+                        if not missing_ok:
+                            raise FileNotFoundError(f"{uris[k]}: not in {archive}") from None
+        return out
+
+    def new_zip(self) -> str:
+        """Where a new zip of the repository's files goes."""
+        return self.join("repo", "zips", f"{uuid.uuid4().hex}.zip")
+
+    def repo_path(self, uri: str) -> str:
+        """Where a URI of this storage lies in the repository (or below the root)."""
+        return uri.removeprefix(self.join("repo") + "/").removeprefix(self.root.rstrip("/") + "/")
 
     def exists(self, uri: str) -> bool:
         return self.fs.exists(self.path(uri))
@@ -87,6 +129,36 @@ class Storage:
     def from_butler_uri(self, uri) -> str:
         """A Butler URI back in this storage's form."""
         return _strip_profile(str(uri))
+
+
+def member_name(path: str) -> str:
+    """A file's name inside a zip: its path in the repository, flat ('/' written FLAT):
+    daf_butler reads a '/' in the zip-path fragment as part of the zip's own path, and warns
+    of double encoding on a quoted one."""
+    if FLAT in path:
+        raise ValueError(f"{path}: a path with {FLAT!r} in it cannot be kept in a zip")
+    return path.replace("/", FLAT)
+
+
+def member_uri(archive: str, path: str) -> str:
+    """The URI of the file at repository path `path` kept in the zip at `archive`."""
+    return archive + ZIP_MEMBER + member_name(path)
+
+
+def split_member(uri: str) -> tuple[str, str]:
+    """(zip URI, repository path) of a file inside a zip; (uri, '') of any other file."""
+    archive, _, name = uri.partition(ZIP_MEMBER)
+    return archive, name.replace(FLAT, "/")
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip of the given files (stored, not compressed: our files are compressed already or
+    are pixels, and a member is read in place)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
 
 
 def digest(f: IO[bytes]) -> tuple[int, str]:
@@ -129,10 +201,16 @@ class _S3Kind:
         endpoint = storage.options.get("endpoint_url")
         if not endpoint:
             return  # the default AWS endpoint and credential chain
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        import botocore.session
+
+        # botocore's chain, as s3fs's: the environment, then the AWS profile files
+        # (AWS_PROFILE, ~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE)
+        found = botocore.session.Session().get_credentials()
+        key, secret = (found.access_key, found.secret_key) if found else (None, None)
         if not (key and secret):
-            raise RuntimeError(f"storage {storage.root!r}: set AWS_ACCESS_KEY_ID and "
-                               "AWS_SECRET_ACCESS_KEY in the environment")
+            raise RuntimeError(f"storage {storage.root!r}: no S3 keys: set AWS_ACCESS_KEY_ID "
+                               "and AWS_SECRET_ACCESS_KEY in the environment, or a profile in "
+                               "the AWS credentials file (AWS_PROFILE to choose one)")
         parts = urlsplit(endpoint)
         auth = f"{quote(key, safe='')}:{quote(secret, safe='')}@"
         os.environ[f"LSST_RESOURCES_S3_PROFILE_{storage.profile}"] = (

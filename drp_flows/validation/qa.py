@@ -19,6 +19,7 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 from scipy.spatial import cKDTree
 
+from drp_flows.sites.butler import open_dataset_file
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.global_calib import SYS_FLOOR, repeatability
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
@@ -162,8 +163,7 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
             visit, detector = int(ref.dataId["visit"]), int(ref.dataId["detector"])
             if visit not in own:
                 continue
-            uri = butler.getURI(ref)
-            with uri.open("rb") as f:
+            with open_dataset_file(butler, ref) as f:
                 hdul = fits.open(f, lazy_load_hdus=True)
                 primary, image_header = hdul[0].header.copy(), hdul["IMAGE"].header.copy()
             if visit not in stars_by_visit:

@@ -24,6 +24,7 @@ from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 from scipy.spatial import cKDTree
 
+from drp_flows.sites.butler import open_dataset_file
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.coadd import NJY_MAG0
 from drp_flows.tasks.diffim import DETECTION_SIGMA, DIPOLE_FWHM, UNUSABLE, forced_photometry, measurable
@@ -201,7 +202,7 @@ def step4_qa(butlers: list[Butler], collection: str, survey: Path) -> Step4QA:
         for ref in butler.registry.queryDatasets("difference_image", collections=collection,
                                                  instrument=INSTRUMENT, findFirst=True):
             visit, detector = int(ref.dataId["visit"]), int(ref.dataId["detector"])
-            with butler.getURI(ref).open("rb") as f:
+            with open_dataset_file(butler, ref) as f:
                 diff = Exposure.from_hdulist(fits.HDUList.fromstring(f.read()))
             if "NOTEMPL" in diff.metadata:       # a sliver of template: nothing differenced
                 continue

@@ -10,6 +10,7 @@ from pathlib import Path
 from astropy.table import Table, vstack
 from lsst.daf.butler import Butler
 
+from drp_flows.sites.butler import open_dataset_file
 from drp_flows.tasks.step7 import CONSOLIDATED, METRICS, SURVEY_PLOT
 from drp_flows.validation.qa import FootprintTruth, check
 
@@ -83,6 +84,8 @@ def step7_qa(butler: Butler, collection: str, survey: Path) -> Step7QA:
         metrics = butler.get(METRICS, dataId=ref.dataId, collections=collection)
         metrics["band"] = band
         tables.append(metrics)
-        qa.plots[band] = butler.getURI(SURVEY_PLOT, dataId=ref.dataId, collections=collection).read()
+        plot = butler.find_dataset(SURVEY_PLOT, ref.dataId, collections=collection)
+        with open_dataset_file(butler, plot) as f:
+            qa.plots[band] = f.read()
     qa.metrics = vstack(tables)
     return qa
