@@ -9,6 +9,7 @@ or in zips of 64 (as a transfer leaves them at its destination, so an onward tra
 them; or as quanta would write them in zips, one a Dask task of clustered quanta). moto runs
 on this machine, so S3 round trips cost its HTTP handling (~6 ms a request), not a WAN's
 latency: per-file costs on a real network are larger still.
+Each figure is the fastest of up to 5 runs (those under a second vary by 2x from run to run).
 Run: make bench (or python bench/transfer.py). Figures: build/bench/transfer.json.
 """
 
@@ -27,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import moto_server  # noqa: E402
 
 from drp_flows.engine.transfer import Ledger, TransferItem, copy_items  # noqa: E402
-from drp_flows.sites.storage import Storage, member_uri, split_member, zip_bytes  # noqa: E402
+from drp_flows.sites.storage import Storage, member_name, member_uri, split_member, zip_bytes  # noqa: E402
 
 N_FILES = 1500
 PER_ZIP = 64
+REPEATS, REPEAT_SECONDS = 5, 5.0
 OUT = Path(__file__).resolve().parents[1] / "build" / "bench" / "transfer.json"
 
 
@@ -46,7 +48,7 @@ def make_files(store: Storage, rng: np.random.Generator) -> tuple[list, list]:
             f.write(data)
         loose.append((rel, len(data)))
         archive = f"repo/zips/{k // PER_ZIP:03d}.zip"
-        members.setdefault(archive, {})[rel.removeprefix("repo/")] = data
+        members.setdefault(archive, {})[member_name(rel.removeprefix("repo/"))] = data
         zipped.append((member_uri(archive, rel.removeprefix("repo/")), len(data)))
     for archive, files in members.items():
         with store.open(store.join(archive), "wb") as f:
@@ -63,6 +65,15 @@ def run(source: Storage, destination: Storage, files: list, label: str, **kw) ->
     return time.perf_counter() - start, copied.bytes
 
 
+def best(source: Storage, destination: Storage, files: list, label: str, **kw) -> tuple[float, int]:
+    """The fastest of up to REPEATS runs (as many as fit in REPEAT_SECONDS): sub-second
+    copies vary by 2x from run to run on a shared machine."""
+    runs = [run(source, destination, files, f"{label}-0", **kw)]
+    while len(runs) < REPEATS and sum(t for t, _ in runs) < REPEAT_SECONDS:
+        runs.append(run(source, destination, files, f"{label}-{len(runs)}", **kw))
+    return min(runs)
+
+
 def bench(source: Storage, destination: Storage, title: str) -> list[dict]:
     rng = np.random.default_rng(1)
     loose, zipped = make_files(source, rng)
@@ -77,7 +88,7 @@ def bench(source: Storage, destination: Storage, title: str) -> list[dict]:
                 ("raw copy, one file", [("repo/raw/all.bin", total)], dict(streams=1))]
     print(f"\n{title}: {N_FILES} files, {total / 1e6:.1f} MB")
     print(f"{'variant':40s} {'seconds':>8s} {'MB/s':>7s} {'of raw':>7s}")
-    rows = [(name, *run(source, destination, r, f"v{k}", **kw)) for k, (name, r, kw) in enumerate(variants)]
+    rows = [(name, *best(source, destination, r, f"v{k}", **kw)) for k, (name, r, kw) in enumerate(variants)]
     raw = rows[-1][1]
     out = []
     for name, seconds, nbytes in rows:

@@ -25,7 +25,14 @@ from drp_flows.engine.transfer import (
 )
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import EmbargoConfig, load_sites
-from drp_flows.sites.storage import ZIP_MEMBER, Storage, split_member
+from drp_flows.sites.storage import (
+    ZIP_MEMBER,
+    Storage,
+    member_name,
+    member_uri,
+    split_member,
+    zip_bytes,
+)
 from drp_flows.tasks.ingest import site_exposures
 from drp_flows.validation.simulate import load_survey
 
@@ -95,7 +102,26 @@ def test_local_copy_in_bundles_over_streams(tmp_path):
     assert all(destination.exists(p.destination_uri) for p in placed if ZIP_MEMBER not in p.destination_uri)
     recorded = {p.source_uri: (p.size, p.sha256) for p in placed}
     assert recorded == {i.source_uri: (len(d), hashlib.sha256(d).hexdigest())
-                        for i, d in zip(items, source.read_all([i.source_uri for i in items]))}
+                        for i, d in zip(items, source.read_all([i.source_uri for i in items]),
+                                        strict=True)}
+
+
+def test_files_read_from_one_zip_at_once(tmp_path):
+    """Several files of a zip come from one read of it, sliced out; one alone by ranged reads;
+    a file that is not in it is missing (or None when that is allowed)."""
+    store = Storage(f"file://{tmp_path}")
+    files = {f"run/type/{k}/file_{k}.parq": np.random.default_rng(k).bytes(1000 * k + 7)
+             for k in range(1, 30)}
+    archive = store.join("repo", "zips", "a.zip")
+    with store.open(archive, "wb") as f:
+        f.write(zip_bytes({member_name(p): d for p, d in files.items()}))
+    uris = [member_uri(archive, p) for p in files]
+    assert store.read_all(uris) == list(files.values())
+    assert store.open(uris[3]).read() == files["run/type/4/file_4.parq"]
+    lost = member_uri(archive, "run/type/none.parq")
+    assert store.read_all([uris[0], lost], missing_ok=True) == [files["run/type/1/file_1.parq"], None]
+    with pytest.raises(FileNotFoundError, match="none.parq"):
+        store.read_all([uris[0], lost])
 
 
 def test_damage_in_flight_is_detected_and_resent(tmp_path):

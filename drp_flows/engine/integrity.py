@@ -118,7 +118,8 @@ def verify_site(site: SiteConfig, campaign: str, records: dict[str, tuple[int, s
     with ThreadPoolExecutor(READERS) as pool:
         for ks, found in zip(files.values(), pool.map(
                 lambda ks: _check(site.store, [uris[k] for k in ks],
-                                  [records[str(refs[k].id)] for k in ks]), files.values())):
+                                  [records[str(refs[k].id)] for k in ks]), files.values()),
+                             strict=True):
             for k, why in zip(ks, found, strict=True):
                 whys[k] = why
     damaged = [(ref, Damaged(site.name, ref.datasetType.name, dict(ref.dataId.required), uri, why))
