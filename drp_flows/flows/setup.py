@@ -20,9 +20,8 @@ from drp_flows.sites.butler import (
     check_wipeable,
     create_repo,
     define_default_chain,
-    file_sha256,
     formatter_for,
-    ingest_recorded,
+    ingest_copied,
     wipe_repo,
 )
 from drp_flows.sites.config import EmbargoConfig, SiteConfig, load_sites
@@ -81,8 +80,7 @@ def _ingest_calibs(butler: Butler, masters: dict[tuple, str], cfg: SurveyConfig)
         ref = DatasetRef(butler.get_dataset_type(kind), butler.registry.expandDataId(data_id),
                          run=CALIB_RUN)
         datasets.append(FileDataset(path=path, refs=[ref], formatter=formatter_for("FitsHDUList")))
-    ingest_recorded(butler, datasets, {d.refs[0].id: file_sha256(d.path) for d in datasets},
-                    transfer="copy")
+    ingest_copied(butler, datasets)
     camera = {"ccd_size": cfg.ccd_size, "seed": cfg.camera.seed, "gap_pixels": cfg.camera.gap_pixels}
     camera_ref = butler.put(camera, "camera", instrument=INSTRUMENT, run=CALIB_RUN)
     butler.registry.registerCollection(CALIB_COLLECTION, CollectionType.CALIBRATION)
@@ -99,8 +97,7 @@ def _ingest_refcat(butler: Butler, survey: Path, tmp: Path) -> None:
         ref = DatasetRef(butler.get_dataset_type(REFCAT), {"htm7": shard}, run=REFCAT_RUN,
                          conform=True)
         datasets.append(FileDataset(path=str(path), refs=[ref], formatter=formatter_for("ArrowAstropy")))
-    ingest_recorded(butler, datasets, {d.refs[0].id: file_sha256(d.path) for d in datasets},
-                    transfer="copy")
+    ingest_copied(butler, datasets)
 
 
 def _ingest_raws(butler: Butler, exposures: dict[int, list]) -> int:
@@ -118,8 +115,7 @@ def _ingest_raws(butler: Butler, exposures: dict[int, list]) -> int:
                                                           detector=detector), run=RAW_RUN)
             datasets.append(FileDataset(path=str(path), refs=[ref],
                                         formatter=formatter_for("FitsHDUList")))
-    ingest_recorded(butler, datasets, {d.refs[0].id: file_sha256(d.path) for d in datasets},
-                    transfer="copy")
+    ingest_copied(butler, datasets)
     return len(datasets)
 
 

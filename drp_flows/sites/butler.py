@@ -230,10 +230,14 @@ def ingest_recorded(butler: Butler, datasets: list[FileDataset],
         datastore._table.replace(*rows)
 
 
-def file_sha256(path: str | Path) -> tuple[int, str]:
-    """Size and sha256 of a local file."""
-    with open(path, "rb") as f:
-        return digest(f)
+def ingest_copied(butler: Butler, datasets: list[FileDataset]) -> None:
+    """Copy local files into the datastore (raws, calibrations, reference catalogs at setup),
+    recording each one's size and sha256 as ingest_recorded does."""
+    files = {}
+    for dataset in datasets:
+        with open(dataset.path, "rb") as f:
+            files[dataset.refs[0].id] = digest(f)
+    ingest_recorded(butler, datasets, files, transfer="copy")
 
 
 def open_dataset_file(butler: Butler, ref: DatasetRef) -> IO[bytes]:
