@@ -135,12 +135,18 @@ def _data_dir(data: Path | None) -> Path:
 
 @app.command()
 def simulate(out: Path = typer.Argument(..., help="directory for raws, calibs, refcat, truth"),
-             ccd_size: int = 1024, nights: int = 3, rounds_per_night: int = 3, seed: int = 42):
+             ccd_size: int = 1024, nights: int = 3, rounds_per_night: int = 3, seed: int = 42,
+             sky: Annotated[str, typer.Option(
+                 help="moffat (Moffat stars at pixel centres) or galsim (GalSim PSFs varying "
+                      "over the field, pixel-integrated, and galaxies)")] = "moffat"):
     """Simulate a mini-ComCam survey (deterministic from the seed)."""
     from drp_flows.validation.simulate import SurveyConfig, simulate_survey
 
-    cfg = SurveyConfig(seed=seed, ccd_size=ccd_size, nights=nights,
-                       rounds_per_night=rounds_per_night)
+    try:
+        cfg = SurveyConfig(seed=seed, ccd_size=ccd_size, nights=nights,
+                           rounds_per_night=rounds_per_night, sky=sky)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     done = [0, 0]
 
     def update(finished: int, total: int) -> None:

@@ -4,7 +4,8 @@ No real data can be downloaded here, so the system observes a sky it makes itsel
 science step is checked against that truth. Deterministic from one seed: each CCD draws from its
 own `SeedSequence((seed, kind, visit, detector))`, so any CCD can be (re)made alone and in parallel.
 
-Signal chain (imSim's order, without crosstalk and CTI): electrons from sky + stars + asteroids,
+Signal chain (imSim's order, without crosstalk and CTI): electrons from sky + stars + asteroids
+(drawn as Moffats at pixel centres, or with GalSim: validation/galsim_sky.py, with galaxies),
 times the vignetted response and grey extinction, plus dark current, with Poisson noise; split
 into amplifiers and flipped to readout order; read noise; divided by the per-amp gain; bias
 level and bias structure added; serial and parallel overscan carry the same bias and noise.
@@ -34,6 +35,13 @@ from drp_flows.tasks.camera import (
 )
 from drp_flows.tasks.psf import add_point_sources
 from drp_flows.tasks.skymap import MiniSkymap, tangent_wcs
+from drp_flows.validation.galsim_sky import (
+    FAMILIES,
+    PsfField,
+    SceneDrawer,
+    local_jacobian,
+    make_galaxies,
+)
 
 # SMTN-002, 30 s visits: zeropoint (mag for 1 e-/s) and dark-sky brightness (mag/arcsec^2).
 ZEROPOINT = {"u": 26.52, "g": 28.51, "r": 28.36, "i": 28.17, "z": 27.78, "y": 26.82}
@@ -43,6 +51,7 @@ DARK_CURRENT = 0.02       # e-/s
 FIRST_NIGHT_MJD = 61000   # 2025-11-21 UTC, day_obs 20251120
 VISIT_SPACING_S = 120.0   # one 30 s exposure plus slew
 ROUND_SPACING_S = 3600.0  # revisits of a tract within a night: asteroids move >= 6" (tracklets)
+SKIES = ("moffat", "galsim")   # Moffats at pixel centres, stars only; or validation/galsim_sky.py
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,19 @@ class SurveyConfig:
     n_dark: int = 3
     n_flat: int = 3
     workers: int = 2
+    sky: str = "moffat"           # or "galsim": GalSim PSFs varying over the field, and galaxies
+    psf_family: str = FAMILIES[0]  # galsim sky: the PSF's family (validation/galsim_sky.py)
+    psf_size_gradient: float = 0.03   # galsim sky: PSF size change, raft centre to edge
+    galaxy_density: float = 50.0  # galsim sky: galaxies per arcmin^2 to r = 26
 
     def __post_init__(self):
         unknown = set(self.bands) - set(BANDS)
         if unknown:
             raise ValueError(f"bands: unknown {sorted(unknown)}; choose from {BANDS}")
+        if self.sky not in SKIES:
+            raise ValueError(f"sky: {self.sky!r} is not one of {SKIES}")
+        if self.psf_family not in FAMILIES:
+            raise ValueError(f"psf_family: {self.psf_family!r} is not one of {FAMILIES}")
 
     @property
     def camera(self) -> Camera:
@@ -145,12 +162,30 @@ def plan_visits(cfg: SurveyConfig) -> list[Visit]:
     return visits
 
 
+def field_half_size(cfg: SurveyConfig) -> tuple[float, float]:
+    """Half the width and height of the skymap's field, degrees."""
+    sky = cfg.skymap
+    return (sky.n_cols * sky.tract_pixels / 2 * PIXEL_SCALE / 3600,
+            sky.n_rows * sky.tract_pixels / 2 * PIXEL_SCALE / 3600)
+
+
+def galaxies(cfg: SurveyConfig) -> Table | None:
+    """The galsim sky's galaxies (none on the Moffat sky)."""
+    if cfg.sky != "galsim" or cfg.galaxy_density <= 0:
+        return None
+    return make_galaxies(cfg.seed, cfg.ra, cfg.dec, *field_half_size(cfg), cfg.galaxy_density)
+
+
+def psf_field(cfg: SurveyConfig, visit: Visit) -> PsfField:
+    """A visit's PSF over the focal plane on the galsim sky."""
+    return PsfField.for_visit(visit.band, visit.seeing, _rng(cfg.seed, 16, visit.visit),
+                              cfg.psf_family, cfg.psf_size_gradient)
+
+
 def make_stars(cfg: SurveyConfig) -> Table:
     """Stars over the whole skymap with a power-law magnitude distribution and a stellar locus."""
     rng = _rng(cfg.seed, 2)
-    sky = cfg.skymap
-    half_w = sky.n_cols * sky.tract_pixels / 2 * PIXEL_SCALE / 3600
-    half_h = sky.n_rows * sky.tract_pixels / 2 * PIXEL_SCALE / 3600
+    half_w, half_h = field_half_size(cfg)
     area = 4 * half_w * half_h * 3600
     n = rng.poisson(cfg.star_density * area)
     field_wcs = tangent_wcs(cfg.ra, cfg.dec, (0.0, 0.0), 3600.0)   # 1 pixel = 1 degree
@@ -195,8 +230,7 @@ def make_asteroids(cfg: SurveyConfig) -> Table:
     angle = rng.uniform(-0.35, 0.35, n) + np.where(rng.uniform(0, 1, n) < 0.5, 0, np.pi)
     travel = rate * (cfg.nights - 1) / 2            # deg from the mid-campaign position
     margin = 30 / 3600                              # keep off the outermost CCD edges
-    half_w = sky.n_cols * sky.tract_pixels / 2 * PIXEL_SCALE / 3600 - margin
-    half_h = sky.n_rows * sky.tract_pixels / 2 * PIXEL_SCALE / 3600 - margin
+    half_w, half_h = (h - margin for h in field_half_size(cfg))
     dx = rng.uniform(-1, 1, n) * np.maximum(half_w - travel * np.abs(np.cos(angle)), 0)
     dy = rng.uniform(-1, 1, n) * np.maximum(half_h - travel * np.abs(np.sin(angle)), 0)
     return Table({
@@ -314,8 +348,9 @@ def _primary_header(cam: Camera, detector: int, obstype: str, band: str | None, 
 
 
 def simulate_science_ccd(cfg: SurveyConfig, visit: Visit, detector: int, stars: Table,
-                         asteroids: Table) -> tuple[fits.HDUList, dict]:
-    """One raw science CCD and its truth row."""
+                         asteroids: Table, galaxy_table: Table | None = None
+                         ) -> tuple[fits.HDUList, dict]:
+    """One raw science CCD and its truth row (the galsim sky's: with its PSF field)."""
     cam = cfg.camera
     rng = _rng(cfg.seed, 100, visit.visit, detector)
     n = cam.ccd_size
@@ -330,14 +365,26 @@ def simulate_science_ccd(cfg: SurveyConfig, visit: Visit, detector: int, stars: 
     margin = 4 * fwhm_px
     ra = np.concatenate([np.asarray(stars["ra"]), asteroid_positions(asteroids, visit.mjd)[0]])
     dec = np.concatenate([np.asarray(stars["dec"]), asteroid_positions(asteroids, visit.mjd)[1]])
-    near = (np.abs(dec - wcs.wcs.crval[1]) < n * 0.75 * PIXEL_SCALE / 3600)
-    x, y = np.full(ra.size, -1e9), np.full(ra.size, -1e9)
-    x[near], y[near] = wcs.all_world2pix(ra[near], dec[near], 0)
+    x, y = _pixels(wcs, ra, dec, n)
     inside = (x > -margin) & (x < n - 1 + margin) & (y > -margin) & (y < n - 1 + margin)
     mags = np.concatenate([star_mags(stars, visit.band, visit.mjd),
                            asteroid_mags(asteroids, visit.band)])
     flux = 10 ** (-0.4 * (mags - zp_e))
-    add_point_sources(image, x[inside], y[inside], flux[inside], fwhm_px)
+    truth_psf = {}
+    if cfg.sky == "galsim":
+        field = psf_field(cfg, visit)
+        drawer = SceneDrawer(field, cam, detector, image)
+        drawer.add_stars(x[inside], y[inside], flux[inside])
+        if galaxy_table is not None:
+            gx, gy = _pixels(wcs, np.asarray(galaxy_table["ra"]), np.asarray(galaxy_table["dec"]), n)
+            on = (gx > -margin) & (gx < n - 1 + margin) & (gy > -margin) & (gy < n - 1 + margin)
+            gal = galaxy_table[on]
+            drawer.add_galaxies(gal, gx[on], gy[on],
+                                10 ** (-0.4 * (np.asarray(gal[f"{visit.band}_mag"]) - zp_e)),
+                                local_jacobian(wcs, gx[on], gy[on]))
+        truth_psf = {"psf_field": field.to_json()}
+    else:
+        add_point_sources(image, x[inside], y[inside], flux[inside], fwhm_px)
 
     resp = response(cam, detector)
     electrons = rng.poisson(image * resp + hot_pixels(cam, detector) * EXPTIME).astype(float)
@@ -351,8 +398,17 @@ def simulate_science_ccd(cfg: SurveyConfig, visit: Visit, detector: int, stars: 
     hdul[0].header.update(h)
     n_star = int(inside[: len(stars)].sum())
     truth = {"visit": visit.visit, "detector": detector, "band": visit.band,
-             "zp_offset": zp_offset, "n_star": n_star, "wcs": wcs.to_header(relax=True).tostring()}
+             "zp_offset": zp_offset, "n_star": n_star, "wcs": wcs.to_header(relax=True).tostring(),
+             **truth_psf}
     return hdul, truth
+
+
+def _pixels(wcs: WCS, ra: np.ndarray, dec: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel positions on an n-pixel CCD of the objects near it (far off for the rest)."""
+    near = (np.abs(dec - wcs.wcs.crval[1]) < n * 0.75 * PIXEL_SCALE / 3600)
+    x, y = np.full(ra.size, -1e9), np.full(ra.size, -1e9)
+    x[near], y[near] = wcs.all_world2pix(ra[near], dec[near], 0)
+    return x, y
 
 
 def simulate_calib_ccd(cfg: SurveyConfig, kind: str, index: int, detector: int,
@@ -409,8 +465,8 @@ def make_refcat(cfg: SurveyConfig, stars: Table) -> Table:
 
 
 def _write_science(args) -> dict:
-    cfg, visit, detector, stars, asteroids, path = args
-    hdul, truth = simulate_science_ccd(cfg, visit, detector, stars, asteroids)
+    cfg, visit, detector, stars, asteroids, galaxy_table, path = args
+    hdul, truth = simulate_science_ccd(cfg, visit, detector, stars, asteroids, galaxy_table)
     hdul.writeto(path, overwrite=True)
     return truth
 
@@ -426,9 +482,9 @@ def simulate_survey(cfg: SurveyConfig, out: Path, progress=None) -> Path:
     for sub in ("raw", "calib_raw", "truth", "refcat"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     visits = plan_visits(cfg)
-    stars, asteroids = make_stars(cfg), make_asteroids(cfg)
+    stars, asteroids, galaxy_table = make_stars(cfg), make_asteroids(cfg), galaxies(cfg)
     cam = cfg.camera
-    science = [(cfg, v, d, stars, asteroids, out / "raw" / f"raw_{v.visit}_{d}.fits")
+    science = [(cfg, v, d, stars, asteroids, galaxy_table, out / "raw" / f"raw_{v.visit}_{d}.fits")
                for v in visits for d in cam.detectors]
     calib = [(cfg, "bias", i, d, None, out / "calib_raw" / f"bias_{i}_{d}.fits")
              for i in range(cfg.n_bias) for d in cam.detectors]
@@ -451,6 +507,8 @@ def simulate_survey(cfg: SurveyConfig, out: Path, progress=None) -> Path:
     Table(rows=truth_rows).write(out / "truth" / "ccd_visits.parquet", overwrite=True)
     stars.write(out / "truth" / "stars.parquet", overwrite=True)
     asteroids.write(out / "truth" / "asteroids.parquet", overwrite=True)
+    if galaxy_table is not None:
+        galaxy_table.write(out / "truth" / "galaxies.parquet", overwrite=True)
     make_refcat(cfg, stars).write(out / "refcat" / "refcat.parquet", overwrite=True)
     (out / "survey.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     return out
