@@ -11,6 +11,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from drp_flows.engine.quanta import read_input, reading
+from drp_flows.tasks.psf_model import PixelPsf
 
 # Rubin's standard mask planes (afw), as bit numbers
 MASK_PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
@@ -29,6 +30,7 @@ class Exposure:
     wcs: WCS | None = None
     metadata: fits.Header = field(default_factory=fits.Header)
     coadd_inputs: Table | None = None   # a coadd's input CCDs (afw's CoaddInputs): its PSF
+    psf: PixelPsf | None = None         # a visit image's empirical PSF model
 
     def to_hdulist(self) -> fits.HDUList:
         primary = fits.PrimaryHDU(header=self.metadata.copy())
@@ -45,6 +47,8 @@ class Exposure:
         if self.coadd_inputs is not None:
             hdus.append(fits.table_to_hdu(self.coadd_inputs))
             hdus[-1].name = "COADD_INPUTS"
+        if self.psf is not None:
+            hdus.append(self.psf.to_hdu())
         return hdus
 
     def to_bytes(self) -> bytes:
@@ -59,9 +63,10 @@ class Exposure:
         def native(a):  # FITS is big-endian; sep and numpy kernels want native order
             return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
         inputs = Table.read(hdul["COADD_INPUTS"]) if "COADD_INPUTS" in hdul else None
+        psf = PixelPsf.from_hdu(hdul["PSF"]) if "PSF" in hdul else None
         return cls(image=native(hdul["IMAGE"].data), variance=native(hdul["VARIANCE"].data),
                    mask=native(hdul["MASK"].data), wcs=header_wcs(hdul["IMAGE"].header),
-                   metadata=hdul[0].header.copy(), coadd_inputs=inputs)
+                   metadata=hdul[0].header.copy(), coadd_inputs=inputs, psf=psf)
 
 
 def single_image_bytes(data: np.ndarray, header: fits.Header | None = None) -> bytes:

@@ -80,10 +80,11 @@ def add_point_sources(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.
 
 
 def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.ndarray,
-             psf: float | PsfMixture, variance: np.ndarray | None = None,
+             psf, variance: np.ndarray | None = None,
              simultaneous: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal (PSF-weighted) total flux and its error; `psf` is a Moffat FWHM in pixels or,
-    on a coadd, the mix of its inputs' PSFs.
+    """Optimal (PSF-weighted) total flux and its error; `psf` is a Moffat FWHM in pixels, a
+    visit image's empirical model (psf_model.PixelPsf) or, on a coadd, the mix of its inputs'
+    PSFs.
 
     Weights come from `weight_var`, the background (sky + read noise) variance: weighting by
     the measured per-pixel variance, which holds the star's own noisy photons, biases faint
@@ -96,7 +97,7 @@ def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.nda
     too close to be told apart, or too faint to be detected, still add their light.
     """
     variance = weight_var if variance is None else variance
-    if isinstance(psf, PsfMixture):
+    if hasattr(psf, "stamps"):      # a coadd's PsfMixture, a visit image's PixelPsf
         ix, iy, offs, prof = psf.stamps(x, y, int(np.ceil(2 * psf.size_px)))
     else:
         ix, iy, offs, prof = moffat_stamps(x, y, psf, int(np.ceil(2 * psf)), unit_sum=False)
@@ -140,18 +141,6 @@ def _fit_overlapping_together(flux: np.ndarray, err: np.ndarray, image: np.ndarr
         inverse = np.linalg.pinv(a[members][:, members].toarray())
         flux[members] = inverse @ b[members]
         err[members] = np.sqrt(np.diag(inverse @ cov[members][:, members].toarray() @ inverse))
-
-
-def psf_flux_scale(fwhm_used_px: float, fwhm_true_px: float) -> float:
-    """Factor turning `psf_flux` measured with a `fwhm_used_px` model into the total flux of a
-    star whose profile has `fwhm_true_px` (1% too wide a model is ~1% too much flux): the
-    ratio of the two normalisations, averaged over sub-pixel centres."""
-    sub = np.linspace(-0.375, 0.375, 4)
-    x, y = (a.ravel() for a in np.meshgrid(sub, sub))
-    half = int(np.ceil(2 * fwhm_used_px))
-    used = moffat_stamps(x, y, fwhm_used_px, half, unit_sum=False)[3]
-    true = moffat_stamps(x, y, fwhm_true_px, half, unit_sum=False)[3]
-    return float(np.mean((used * used).sum(axis=(1, 2)) / (used * true).sum(axis=(1, 2))))
 
 
 def fit_fwhm(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.ndarray,

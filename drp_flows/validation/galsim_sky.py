@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import galsim
 import numpy as np
+import sep
 from astropy.table import Table
 from astropy.wcs import WCS
 
@@ -128,6 +129,19 @@ def true_psf_moments(field: PsfField, cam: Camera, detector: int, x, y) -> Table
         m = image.FindAdaptiveMom()
         rows.append((m.moments_sigma, m.observed_shape.e1, m.observed_shape.e2))
     return Table(rows=rows, names=("sigma", "e1", "e2"), dtype=(float, float, float))
+
+
+def aperture_fraction(field: PsfField, cam: Camera, detector: int, radius_px: float) -> float:
+    """The fraction of a star's flux inside a `radius_px` aperture at the CCD's centre (the
+    true PSF, pixel included)."""
+    c = (cam.ccd_size - 1) / 2
+    side = 2 * int(np.ceil(radius_px)) + 11
+    image = field.profile(*(float(v) for v in focal_plane(cam, detector, c, c))).drawImage(
+        nx=side, ny=side, scale=1.0)
+    centre = (side - 1) / 2
+    inside, _, _ = sep.sum_circle(np.ascontiguousarray(image.array, dtype=float), [centre],
+                                  [centre], radius_px, subpix=5)
+    return float(inside[0])
 
 
 def make_galaxies(seed: int, ra: float, dec: float, half_w: float, half_h: float,

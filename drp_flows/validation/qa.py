@@ -20,11 +20,12 @@ from lsst.daf.butler import Butler
 from scipy.spatial import cKDTree
 
 from drp_flows.sites.butler import open_dataset_file
+from drp_flows.tasks.calibrate import APCORR_RADIUS
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.global_calib import SYS_FLOOR, repeatability
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.skymap import header_wcs
-from drp_flows.validation.simulate import star_mags
+from drp_flows.validation.simulate import aperture_zeropoints, load_survey, star_mags
 
 TARGETS = {"wcs_rms_mas": 10.0, "am1_mas": 10.0, "zp_rms_mmag": 10.0, "completeness50_offset_mag": 0.1,
            "global_zp_rms_mmag": 2.0, "pa1_gri_mmag": 5.0, "pa1_uzy_mmag": 7.5,
@@ -96,9 +97,11 @@ class Step1QA:
 
 
 def _truth(survey: Path):
+    """Truth rows by (visit, detector), with zp_true_aperture on the pipeline's scale."""
     ccd = Table.read(survey / "truth" / "ccd_visits.parquet")
     visits = Table.read(survey / "truth" / "visits.parquet")
     stars = Table.read(survey / "truth" / "stars.parquet")
+    aperture_zeropoints(load_survey(survey)[0], ccd, visits, APCORR_RADIUS)
     return {(int(r["visit"]), int(r["detector"])): r for r in ccd}, visits, stars
 
 
@@ -128,7 +131,7 @@ def ccd_qa(image_header: fits.Header, primary: fits.Header, stars: Table, truth_
             np.column_stack([ax[on], ay[on]]))
         found = dist < 2.0
     row = {"visit": truth_row["visit"], "detector": truth_row["detector"], "band": band,
-           "zp_err_mmag": (primary["ZP"] - truth_row["zp_true"]) * 1000,
+           "zp_err_mmag": (primary["ZP"] - truth_row["zp_true_aperture"]) * 1000,
            "wcs_sq_sum": float(sq.sum()), "wcs_n": int(sq.size),
            "wcs_rms_mas": float(np.sqrt(sq.mean())) if sq.size else np.nan,
            "m5": primary["M5"], "psf_fwhm": primary["PSF_FWHM"]}
@@ -377,7 +380,7 @@ def step2_qa(butler: Butler, collection: str, survey: Path) -> Step2QA:
     zeropoints = butler.get(zps[0])
     prelim = vstack([butler.get(r) for r in prelims], metadata_conflicts="silent")
     prelim_zp = {(int(r["visit"]), int(r["detector"])): r["zero_point"] for r in prelim}
-    true = np.array([truth_ccd[(int(v), int(d))]["zp_true"]
+    true = np.array([truth_ccd[(int(v), int(d))]["zp_true_aperture"]
                      for v, d in zip(zeropoints["visit"], zeropoints["detector"], strict=True)])
     per = zeropoints["visit", "detector", "band", "status"]
     per["zp_err_mmag"] = (zeropoints["zero_point"] - true) * 1000

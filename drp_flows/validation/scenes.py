@@ -20,7 +20,7 @@ from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
 from drp_flows.errors import DataError
-from drp_flows.tasks.calibrate import calibrate
+from drp_flows.tasks.calibrate import APCORR_RADIUS, calibrate
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.isr import run_isr
 from drp_flows.validation.simulate import (
@@ -28,6 +28,7 @@ from drp_flows.validation.simulate import (
     ZEROPOINT,
     SurveyConfig,
     Visit,
+    aperture_zeropoints,
     galaxies,
     hot_pixels,
     make_asteroids,
@@ -55,7 +56,13 @@ def calibrate_scene(cfg: SurveyConfig, visit: Visit, detector: int, stars: Table
         image, found = calibrate(post, refcat, visit.band)
     except DataError as e:
         return {"band": visit.band, "detector": detector, "error": str(e)}
-    zp_true = ZEROPOINT[visit.band] + 2.5 * np.log10(EXPTIME) - visit.extinction - truth["zp_offset"]
+    # the true zeropoint on the pipeline's scale (fluxes inside its aperture)
+    row = Table(rows=[{"visit": visit.visit, "detector": detector, "psf_field": truth.get("psf_field", ""),
+                       "zp_true": ZEROPOINT[visit.band] + 2.5 * np.log10(EXPTIME)
+                       - visit.extinction - truth["zp_offset"]}])
+    aperture_zeropoints(cfg, row, Table({"visit": [visit.visit], "seeing": [visit.seeing]}),
+                        APCORR_RADIUS)
+    zp_true = float(row["zp_true_aperture"][0])
     plain = ~np.asarray(stars["is_variable"])
     bright = found[(found["snr"] >= BRIGHT_SNR) & ~found["saturated"] & ~found["edge"]
                    & ~found["blended"]]
@@ -86,7 +93,10 @@ def calibrate_scene(cfg: SurveyConfig, visit: Visit, detector: int, stars: Table
             "zp_err_mmag": float(image.metadata["ZP_ERR"]) * 1e3, "wcs_mas": wcs_mas,
             "psf_mag_mmag": float(np.median(resid)) if ok.any() else float("nan"),
             "n_bright": int(ok.sum()), "gradient_mmag": gradient,
-            "apcorr": float(image.metadata.get("APCORR", np.nan))}
+            "apcorr": float(image.metadata["APCORR"]),
+            "psf_size_rms": float(image.metadata.get("PSF_DSIZ", np.nan)),
+            "psf_e_rms": float(np.hypot(image.metadata.get("PSF_DE1", np.nan),
+                                        image.metadata.get("PSF_DE2", np.nan)) / np.sqrt(2))}
 
 
 def probe(cfg: SurveyConfig, n_visits: int = 6, detectors=(0, 4, 8)) -> Table:
@@ -116,7 +126,9 @@ def summary(rows: Table) -> list[dict]:
                     "wcs_max_mas": float(np.max(r["wcs_mas"])),
                     "psf_mag_median_mmag": float(np.nanmedian(r["psf_mag_mmag"])),
                     "gradient_mmag": float(np.nanmean(r["gradient_mmag"])),
-                    "apcorr": float(np.nanmean(r["apcorr"]))})
+                    "apcorr": float(np.nanmean(r["apcorr"])),
+                    "psf_size_rms": float(np.sqrt(np.nanmean(r["psf_size_rms"] ** 2))),
+                    "psf_e_rms": float(np.sqrt(np.nanmean(r["psf_e_rms"] ** 2)))})
     return out
 
 
