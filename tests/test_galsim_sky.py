@@ -93,23 +93,26 @@ def test_unknown_sky_or_family_is_refused():
         SurveyConfig(sky="galsim", psf_family="moffat")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21: one Moffat per CCD (psf.fit_fwhm) is neither "
-                   "the shape nor the variation of this PSF; fails until the PSF model is "
-                   "empirical and varies over the CCD, and fluxes are aperture corrected")
+@pytest.mark.xfail(strict=True, reason="issue 21: zeropoint, WCS, PSF magnitudes and the PSF "
+                   "model against truth now hold; the magnitude residual still changes by "
+                   "~8 mmag across detector 3 (target 3), cause not found yet")
 def test_step1_holds_on_a_psf_family_it_has_no_case_for():
     """A Kolmogorov-only PSF (no Airy, no diffusion), its size changing 8% over the raft: the
     zeropoint, the WCS and the PSF magnitudes of bright stars against the truth, on the two
     CCDs at the raft's sides where the size changes fastest."""
     cfg = SurveyConfig(ccd_size=1024, nights=1, rounds_per_night=1, sky="galsim",
                        psf_family="kolmogorov", psf_size_gradient=0.08)
-    from drp_flows.validation.scenes import calibrate_scene
+    from astropy.table import Table
+
+    from drp_flows.validation.scenes import calibrate_scene, corner_to_corner
 
     stars, ast, gal = make_stars(cfg), make_asteroids(cfg), galaxies(cfg)
     refcat = make_refcat(cfg, stars)
     visit = next(v for v in plan_visits(cfg) if v.band == "r")
-    for detector in (3, 5):
-        row = calibrate_scene(cfg, visit, detector, stars, ast, gal, refcat)
-        assert abs(row["zp_mmag"]) <= 10, row
-        assert row["wcs_mas"] <= 10, row
-        assert abs(row["psf_mag_mmag"]) <= 2, row
-        assert row["gradient_mmag"] <= 3, row
+    rows = Table(rows=[calibrate_scene(cfg, visit, d, stars, ast, gal, refcat) for d in (3, 5)])
+    assert np.all(np.abs(rows["zp_mmag"]) <= 10), rows
+    assert np.all(rows["wcs_mas"] <= 10), rows
+    assert np.all(np.abs(rows["psf_mag_mmag"]) <= 2), rows
+    # the model against the true PSF at the reserved stars
+    assert np.all(rows["psf_size_truth"] <= 0.005) and np.all(rows["psf_e_truth"] <= 0.005), rows
+    assert corner_to_corner(rows) <= 3, rows
