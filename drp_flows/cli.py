@@ -359,11 +359,13 @@ def workers(sites: Path = Path("deployments/sites.yaml"),
 
 @app.command()
 def demo(data: Path | None = None, ccd_size: int = 1024, nights: int = 3,
-         rounds_per_night: int = 3, name: str = "demo", force: bool = False):
+         rounds_per_night: int = 3, name: str = "demo", force: bool = False,
+         sky: Annotated[str, typer.Option(help="moffat or galsim (drp simulate --sky)")] = "moffat"):
     """Simulate a survey, set up three sites on this machine, run the campaign, report QA."""
     data = _data_dir(data)
     survey = data / "survey"
-    simulate(survey, ccd_size=ccd_size, nights=nights, rounds_per_night=rounds_per_night, seed=42)
+    simulate(survey, ccd_size=ccd_size, nights=nights, rounds_per_night=rounds_per_night, seed=42,
+             sky=sky)
     setup(survey, LOCAL_SITES, data, force)
     campaign(name, LOCAL_SITES, survey, data)
     console.print(f"\nInspect with Rubin's tools, e.g.\n  butler query-datasets {data}/usdf/repo "

@@ -277,10 +277,10 @@ def solve_model(d: np.ndarray, w: np.ndarray, t: np.ndarray) -> tuple[np.ndarray
             # change to 80% of the truth's
             basis = np.vstack([shape_basis(coeffs[0].reshape(side, side)).reshape(
                 len(SHAPE_BASIS), -1), coeffs[:1]])
-            gram = np.einsum("sp,bp,cp->sbc", w, basis, basis)
+            gram = (w[:, None, :] * basis[None]) @ basis.T              # [star, b, b]
             n_coef = len(basis) * t.shape[1]
             a = np.einsum("sk,sl,sbc->bkcl", t, t, gram).reshape(n_coef, n_coef)
-            rhs = np.einsum("sk,sp,bp->bk", t, w * (d - coeffs[0]), basis).reshape(-1)
+            rhs = (((w * (d - coeffs[0])) @ basis.T).T @ t).reshape(-1)
             amp = np.linalg.solve(a + 1e-9 * np.trace(a) * np.eye(n_coef), rhs)
             coeffs[1:] = np.einsum("bk,bp->kp", amp.reshape(len(basis), -1), basis)
             vary = t @ coeffs[1:]

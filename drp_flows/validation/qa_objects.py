@@ -133,7 +133,8 @@ def isolated_truth(survey: Path) -> Table:
     """Non-variable true stars with no star within ISOLATION_ARCSEC that has a tenth of their
     flux or more (in r): fainter neighbours closer than the 1" merge radius, or undetected,
     are blended into the star's flux by any PSF photometry, which would make the pulls measure
-    the crowding rather than the errors (1.4-1.6 for stars with such a neighbour in the demo)."""
+    the crowding rather than the errors (1.4-1.6 for stars with such a neighbour in the demo).
+    On the galsim sky a galaxy of that flux counts as a neighbour too."""
     stars = Table.read(survey / "truth" / "stars.parquet")
     xyz = unit_vectors(np.asarray(stars["ra"]), np.asarray(stars["dec"]))
     mags = np.asarray(stars["r_mag"])
@@ -143,6 +144,13 @@ def isolated_truth(survey: Path) -> Table:
         i, j = pairs.T
         alone[i[mags[j] < mags[i] + ISOLATION_DMAG]] = False
         alone[j[mags[i] < mags[j] + ISOLATION_DMAG]] = False
+    if (survey / "truth" / "galaxies.parquet").exists():
+        galaxies = Table.read(survey / "truth" / "galaxies.parquet")
+        gal_mags = np.asarray(galaxies["r_mag"])
+        near = cKDTree(unit_vectors(np.asarray(galaxies["ra"]), np.asarray(galaxies["dec"]))
+                       ).query_ball_point(xyz, chord(ISOLATION_ARCSEC))
+        alone &= np.array([not any(gal_mags[j] < m + ISOLATION_DMAG for j in js)
+                           for js, m in zip(near, mags, strict=True)], bool)
     return stars[alone & ~np.asarray(stars["is_variable"])]
 
 
