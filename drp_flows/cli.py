@@ -260,7 +260,9 @@ def verify(name: CampaignName, sites: Path = LOCAL_SITES, data: Path | None = No
                help="unregister and delete the damaged, so that `drp campaign NAME` (or "
                     "rescue) makes or transfers them again")] = False):
     """Re-read a campaign's products at every site and compare each with the size and sha256
-    recorded when it was written (a transferred copy too). Exits 5 naming every damaged one."""
+    recorded when it was written (a transferred copy too). Exits 5 naming every damaged one.
+    Zips that no record names (a failed registration's, over an hour old) are listed, and
+    deleted with --repair."""
     from drp_flows.engine.integrity import verify_campaign
 
     _data_dir(data)
@@ -274,7 +276,10 @@ def verify(name: CampaignName, sites: Path = LOCAL_SITES, data: Path | None = No
     for where, verification in found.items():
         console.print(f"{where}: {verification.checked} products checked, "
                       f"{len(verification.damaged)} damaged"
-                      + (f", {verification.repaired} unregistered" if verification.repaired else ""))
+                      + (f", {verification.repaired} unregistered" if verification.repaired else "")
+                      + (f", {len(verification.orphans)} orphan zips"
+                         + (" deleted" if repair else " (--repair deletes them)")
+                         if verification.orphans else ""))
     if not any(v.checked for v in found.values()):
         console.print(f"campaign {name!r} has no recorded products at the sites of {sites}")
         raise typer.Exit(1)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -687,23 +688,32 @@ def test_verify_finds_every_damaged_product_and_a_rerun_repairs_them(campaign):
     from typer.testing import CliRunner
 
     from drp_flows.cli import app
-    from drp_flows.engine.integrity import campaign_runs, products, recorded, verify_campaign
+    from drp_flows.engine.integrity import campaign_runs, orphan_zips, products, verify_campaign
     from drp_flows.engine.planning import dataset_uris
     from drp_flows.flows.campaign import campaign_flow
 
     sites = load_sites(campaign.in_process)
-    records = recorded((s.store, campaign_runs(open_butler(s), CAMPAIGN))
-                       for s in sites.sites.values())
     rng, damaged, which = random.Random(11), set(), []
     for name, site in sites.sites.items():
         butler = open_butler(site)
-        refs = rng.sample(sorted(products(butler, campaign_runs(butler, CAMPAIGN), set(records)),
+        refs = rng.sample(sorted(products(butler, campaign_runs(butler, CAMPAIGN)),
                                  key=lambda r: str(r.id)), 3)
         which += [(name, r.datasetType.name, dict(r.dataId.required)) for r in refs]
         for how, uri in zip(("truncate", "flip", "delete"), dataset_uris(butler, site.store, refs),
                             strict=True):
             damage(site.store, uri, how)
             damaged.add((name, uri))
+    # a zip no record names (a registration that failed after its cluster wrote it), an hour
+    # old, and one just written (a registration may be on its way): only the first is an orphan
+    usdf = sites["usdf"].store
+    orphan, young = usdf.join("repo", "zips", "orphan.zip"), usdf.join("repo", "zips", "young.zip")
+    for uri in (orphan, young):
+        with usdf.open(uri, "wb") as f:
+            f.write(b"PK\x05\x06" + bytes(18))
+    os.utime(usdf.path(orphan), (time.time() - 7200, time.time() - 7200))
+    # the campaign's own zips (clusters', transfers') are all named by records
+    assert len(usdf.fs.glob(usdf.path(usdf.join("repo", "zips")) + "/*.zip")) > 2
+    assert orphan_zips(open_butler(sites["usdf"]), usdf, min_age=0) == sorted([orphan, young])
     out = CliRunner().invoke(app, ["verify", CAMPAIGN, "--sites", campaign.in_process, "--repair"])
     assert out.exit_code == 5, out.output
     lines = [line for line in out.output.splitlines() if line.startswith("damaged ")]
@@ -711,8 +721,10 @@ def test_verify_finds_every_damaged_product_and_a_rerun_repairs_them(campaign):
     assert {(line.split()[1], line.rsplit(": ", 1)[0].rsplit(" ", 1)[1]) for line in lines} \
         == damaged and len(lines) == len(damaged)
     for name in sites.sites:
-        assert re.search(rf"^{name}: (\d+) products checked, 3 damaged, 3 unregistered$",
+        orphans = ", 1 orphan zips deleted" if name == "usdf" else ""
+        assert re.search(rf"^{name}: (\d+) products checked, 3 damaged, 3 unregistered{orphans}$",
                          out.output, re.M), out.output
+    assert not usdf.fs.exists(usdf.path(orphan)) and usdf.fs.exists(usdf.path(young))
     again = campaign_flow(campaign.in_process, CAMPAIGN, **GROUPS)
     assert not again["quarantined"]
     after = verify_campaign(sites, CAMPAIGN)

@@ -1,7 +1,9 @@
 """Integrity of a campaign's products: every file registered in the campaign's RUNs, at every
-site, re-read and compared with the size and sha256 its quantum recorded when it wrote it
-(the manifests kept beside the source site's repository, engine/register.py). A transferred
-copy is checked against its source's record too, so a file damaged at either end is found.
+site, re-read and compared with the size and sha256 in the datastore's records: what its
+quantum measured as it wrote it (engine/register.py), or for a transferred copy what the
+source's record said (engine/transfer.py), so a file damaged at either end is found. The
+planner hands the same records to the quanta (engine/planning.py dataset_uris), which check
+their inputs as they read them.
 
 `repair` unregisters (and deletes) what is damaged, so that a re-run or a rescue makes it
 again (a quantum's outputs missing) or transfers it again (a destination lacking a dataset).
@@ -12,20 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lsst.daf.butler import Butler, DatasetRef
 
 from drp_flows.datamodel import campaign_collection
 from drp_flows.engine.planning import dataset_uris, existing_collections
-from drp_flows.engine.register import read_manifests
+from drp_flows.engine.quanta import RecordedURI
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.config import CampaignSites, SiteConfig
 from drp_flows.sites.storage import ZIP_MEMBER, Storage, digest, split_member
 
 READERS = 8     # files re-read at once
+ORPHAN_SECONDS = 3600.0   # a zip no record names is an orphan once this old
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Verification:
     checked: int
     damaged: list[Damaged]
     repaired: int = 0
+    orphans: list[str] = field(default_factory=list)   # zips no record names (deleted on repair)
 
 
 def campaign_runs(butler: Butler, campaign: str) -> list[str]:
@@ -54,18 +59,6 @@ def campaign_runs(butler: Butler, campaign: str) -> list[str]:
     if not chain:
         return []
     return [r for r in butler.registry.getCollectionChain(chain[0]) if r.startswith(chain[0] + "/")]
-
-
-def recorded(sources: Iterable[tuple[Storage, list[str]]]) -> dict[str, tuple[int, str]]:
-    """What the quanta of the given RUNs recorded of their outputs, in the manifests kept at
-    each given storage: dataset ID -> (bytes, sha256)."""
-    latest: dict[str, tuple[float, int, str]] = {}
-    for store, runs in sources:
-        for row in read_manifests(store, runs):   # a product made again: its latest record
-            key, ended = str(row["dataset_id"]), float(row["ended"])
-            if key not in latest or ended > latest[key][0]:
-                latest[key] = (ended, int(row["bytes"]), str(row["sha256"]))
-    return {key: (size, sha256) for key, (_, size, sha256) in latest.items()}
 
 
 def _check(store: Storage, uris: list[str], expected: list[tuple[int, str]]) -> list[str]:
@@ -93,24 +86,26 @@ def _why(found: tuple[int, str] | None, size: int, sha256: str) -> str:
     return ""
 
 
-def products(butler: Butler, runs: list[str], ids: set[str]) -> Iterator[DatasetRef]:
-    """The datasets registered in the runs that have a record (of those `ids`)."""
+def products(butler: Butler, runs: list[str]) -> Iterator[DatasetRef]:
+    """The datasets registered in the runs."""
     for dataset_type in {t.name for t in butler.registry.queryDatasetTypes()}:
-        for ref in butler.registry.queryDatasets(dataset_type, collections=runs, findFirst=False):
-            if str(ref.id) in ids:
-                yield ref
+        yield from butler.registry.queryDatasets(dataset_type, collections=runs, findFirst=False)
 
 
-def verify_site(site: SiteConfig, campaign: str, records: dict[str, tuple[int, str]],
-                fraction: float = 1.0, seed: int = 0, repair: bool = False) -> Verification:
+def verify_site(site: SiteConfig, campaign: str, fraction: float = 1.0, seed: int = 0,
+                repair: bool = False) -> Verification:
     """Re-read the campaign's registered products at one site (a random `fraction` of them)
     and compare each with its record; `repair`: unregister and delete the damaged."""
     butler = open_butler(site, writeable=repair)
     runs = campaign_runs(butler, campaign)
-    refs = sorted(products(butler, runs, set(records)), key=lambda r: str(r.id)) if runs else []
+    refs = sorted(products(butler, runs), key=lambda r: str(r.id)) if runs else []
     if fraction < 1.0:
         refs = random.Random(seed).sample(refs, round(len(refs) * fraction))
     uris = dataset_uris(butler, site.store, refs)
+    unrecorded = [str(u) for u in uris if not isinstance(u, RecordedURI)]
+    if unrecorded:      # every campaign output is registered with its record: a bug if not
+        raise LookupError(f"site {site.name}: {len(unrecorded)} products of {campaign} have no "
+                          f"size and sha256 in the datastore's records, e.g. {unrecorded[0]}")
     files: dict[str, list[int]] = {}      # a file, or a zip: the products read from it
     for k, uri in enumerate(uris):
         files.setdefault(split_member(uri)[0], []).append(k)
@@ -118,27 +113,53 @@ def verify_site(site: SiteConfig, campaign: str, records: dict[str, tuple[int, s
     with ThreadPoolExecutor(READERS) as pool:
         for ks, found in zip(files.values(), pool.map(
                 lambda ks: _check(site.store, [uris[k] for k in ks],
-                                  [records[str(refs[k].id)] for k in ks]), files.values()),
+                                  [(uris[k].size, uris[k].sha256) for k in ks]), files.values()),
                              strict=True):
             for k, why in zip(ks, found, strict=True):
                 whys[k] = why
     damaged = [(ref, Damaged(site.name, ref.datasetType.name, dict(ref.dataId.required), uri, why))
                for ref, uri, why in zip(refs, uris, whys, strict=True) if why]
-    result = Verification(len(refs), [d for _, d in damaged])
+    result = Verification(len(refs), [d for _, d in damaged], orphans=orphan_zips(butler, site.store))
     if repair and damaged:
         butler.pruneDatasets([ref for ref, _ in damaged], disassociate=True, unstore=True,
                              purge=True)
         result.repaired = len(damaged)
+    if repair:
+        for uri in result.orphans:
+            site.store.fs.rm(site.store.path(uri))
     return result
+
+
+def orphan_zips(butler: Butler, store: Storage, min_age: float = ORPHAN_SECONDS) -> list[str]:
+    """The zips in the repository that no dataset's record names and that are older than
+    `min_age` seconds: written by a cluster of quanta or a transfer whose registration then
+    failed (a re-run writes new ones). Younger ones may be a running registration's."""
+    folder = store.path(store.join("repo", "zips"))
+    if not store.fs.exists(folder):
+        return []
+    named = {split_member(row["path"])[0].rsplit("/", 1)[-1]
+             for row in butler._datastore._table.fetch()       # noqa: SLF001 (no public listing)
+             if ZIP_MEMBER in row["path"]}
+    now = time.time()
+    orphans = []
+    for info in store.fs.ls(folder, detail=True):
+        name = info["name"].rsplit("/", 1)[-1]
+        if name.endswith(".zip") and name not in named and now - modified(info) > min_age:
+            orphans.append(store.join("repo", "zips", name))
+    return sorted(orphans)
+
+
+def modified(info: dict) -> float:
+    """A file's modification time (Unix seconds) from an fsspec listing, local or S3."""
+    when = info.get("mtime", info.get("LastModified"))
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)
 
 
 def verify_campaign(sites: CampaignSites, campaign: str, only: str | None = None,
                     fraction: float = 1.0, seed: int = 0,
                     repair: bool = False) -> dict[str, Verification]:
-    """verify_site at every site (or only one), against the records of all sites."""
+    """verify_site at every site (or only one)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction {fraction}: must be in (0, 1]")
-    records = recorded((s.store, campaign_runs(open_butler(s), campaign))
-                       for s in sites.sites.values())
-    return {name: verify_site(site, campaign, records, fraction, seed, repair)
+    return {name: verify_site(site, campaign, fraction, seed, repair)
             for name, site in sites.sites.items() if only in (None, name)}
