@@ -93,6 +93,29 @@ def test_unknown_sky_or_family_is_refused():
         SurveyConfig(sky="galsim", psf_family="moffat")
 
 
+def test_the_empirical_psf_on_the_galsim_sky():
+    """Step 1 with the empirical PSF on a CCD of the GalSim sky (Kolmogorov x Airy, varying):
+    zeropoint on the aperture's scale, WCS, PSF magnitudes and the model against the true PSF
+    at the reserved stars within SCIENCE.md's targets; the model travels with the image."""
+    from astropy.io import fits
+
+    from drp_flows.tasks.images import Exposure
+    from drp_flows.validation.scenes import calibrate_scene
+
+    cfg = SurveyConfig(ccd_size=1024, nights=1, rounds_per_night=1, sky="galsim")
+    stars, ast, gal = make_stars(cfg), make_asteroids(cfg), galaxies(cfg)
+    visit = next(v for v in plan_visits(cfg) if v.band == "r")
+    row = calibrate_scene(cfg, visit, 4, stars, ast, gal, make_refcat(cfg, stars), keep_image=True)
+    assert abs(row["zp_mmag"]) <= 10 and row["wcs_mas"] <= 10, row
+    assert abs(row["psf_mag_mmag"]) <= 2, row
+    assert row["psf_size_truth"] <= 0.005 and row["psf_e_truth"] <= 0.005, row
+    image = row["image"]
+    assert image.metadata["PSFMODEL"] == "empirical" and image.metadata["PSF_NRES"] > 5
+    again = Exposure.from_hdulist(fits.HDUList.fromstring(image.to_bytes())).psf
+    x, y = np.array([10.0, 900.0]), np.array([200.0, 30.0])
+    assert np.allclose(again.centred(x, y), image.psf.centred(x, y), atol=1e-7)
+
+
 @pytest.mark.xfail(strict=True, reason="issue 21: zeropoint, WCS, PSF magnitudes and the PSF "
                    "model against truth now hold; the magnitude residual still changes by "
                    "~8 mmag across detector 3 (target 3), cause not found yet")
@@ -104,7 +127,8 @@ def test_step1_holds_on_a_psf_family_it_has_no_case_for():
                        psf_family="kolmogorov", psf_size_gradient=0.08)
     from astropy.table import Table
 
-    from drp_flows.validation.scenes import calibrate_scene, corner_to_corner
+    from drp_flows.validation.qa_psf import corner_to_corner
+    from drp_flows.validation.scenes import calibrate_scene
 
     stars, ast, gal = make_stars(cfg), make_asteroids(cfg), galaxies(cfg)
     refcat = make_refcat(cfg, stars)
@@ -115,4 +139,4 @@ def test_step1_holds_on_a_psf_family_it_has_no_case_for():
     assert np.all(np.abs(rows["psf_mag_mmag"]) <= 2), rows
     # the model against the true PSF at the reserved stars
     assert np.all(rows["psf_size_truth"] <= 0.005) and np.all(rows["psf_e_truth"] <= 0.005), rows
-    assert corner_to_corner(rows) <= 3, rows
+    assert corner_to_corner(np.asarray(rows["slope2"]), np.asarray(rows["noise2"])) <= 3, rows

@@ -3,10 +3,10 @@ reference match, astrometric fit and photometric zeropoint of one post-ISR CCD.
 
 Recipe from SCIENCE.md: sep background in 128 px cells and 5-sigma peaks of the PSF-matched
 significance image (a Moffat of the fitted FWHM as the kernel); windowed centroids; PSF
-(optimal) fluxes from an empirical model that varies over the CCD (psf_model.py), corrected to
-a 3" aperture measured on the PSF stars with their neighbours subtracted (Rubin's calibFlux
-aperture: the zeropoint is on that aperture's scale); refcat match by offset voting then
-nearest neighbour;
+(optimal) fluxes from the fitted Moffat (total fluxes), or with psf_model="empirical" from a
+model that varies over the CCD (psf_model.py) corrected to a 3" aperture measured on the PSF
+stars with their neighbours subtracted (Rubin's calibFlux aperture: the zeropoint is then on
+that aperture's scale); refcat match by offset voting then nearest neighbour;
 TAN-SIP fit by linear least squares as meas_astrom's FitTanSipWcsTask (0-based pixels);
 photoCal-style zeropoint
 (3-sigma clipped, 20 iterations, inverse-variance weighted) over reference stars with predicted
@@ -40,6 +40,8 @@ MIN_ZP_STARS = 5
 ZP_DEPTH_MARGIN = 1.2    # mag above the 5-sigma depth: predicted S/N >= 15
 VISIT_PSF_PROBABILITY = 1e-3
 APCORR_RADIUS = 15.0     # pixels (3"): PSF fluxes are corrected to this aperture's
+MOFFAT, EMPIRICAL = "moffat", "empirical"
+PSF_MODELS = (MOFFAT, EMPIRICAL)
 
 
 class CalibrationError(DataError):
@@ -233,8 +235,13 @@ def fit_astrometry(x, y, ref: Table, wcs0: WCS, n: int, sip_degree: int):
 
 
 def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
-              fwhm_guess_arcsec: float = 1.0) -> tuple[Exposure, Table]:
-    """Calibrate one post-ISR CCD: the preliminary visit image and its star table."""
+              fwhm_guess_arcsec: float = 1.0, psf_model: str = MOFFAT) -> tuple[Exposure, Table]:
+    """Calibrate one post-ISR CCD: the preliminary visit image and its star table.
+
+    `psf_model`: "moffat", the CCD's fitted Moffat, whose PSF fluxes are total fluxes (the
+    campaign's, until the coadds and the global calibration take the other's scale); or
+    "empirical", the model that varies over the CCD (psf_model.py) with fluxes corrected to
+    APCORR_RADIUS, the zeropoint on that aperture's scale (issue 21: validation/scenes.py)."""
     n = exp.image.shape[0]
     bad = (exp.mask & (bit("BAD") | bit("SAT"))) != 0
     image, bkg_var, sky = subtract_background(exp)
@@ -250,18 +257,24 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     x, y = centroids(image, objs, fwhm)
     saturated = _touches(exp.mask, x, y, bit("SAT"), 2 * fwhm)
     edge = (x < 2 * fwhm) | (x > n - 1 - 2 * fwhm) | (y < 2 * fwhm) | (y > n - 1 - 2 * fwhm)
-    # a first flux with the Moffat, to find the PSF stars by S/N, then the empirical model's
-    first, first_err = psf_flux(image, bkg_var, x, y, fwhm, variance=exp.variance)
-    clean = ~saturated & ~edge & ~objs["blended"] & np.isfinite(first / first_err)
-    candidates, cand_moments = select_candidates(image, x, y, first / first_err, clean, fwhm)
-    psf, psf_stars = fit_pixel_psf(image, bkg_var, x, y, first, candidates, cand_moments, fwhm, n)
-    flux, flux_err = psf_flux(image, bkg_var, x, y, psf, variance=exp.variance)
+    flux, flux_err = psf_flux(image, bkg_var, x, y, fwhm, variance=exp.variance)
+    clean = ~saturated & ~edge & ~objs["blended"] & np.isfinite(flux / flux_err)
+    if psf_model == EMPIRICAL:
+        psf, psf_stars, flux, flux_err, apcorr, apcorr_err = empirical_photometry(
+            image, bkg_var, exp.variance, bad, x, y, flux / flux_err, clean, flux, fwhm)
+        nea = apcorr ** 2 / float((psf.centred(np.array([n / 2]), np.array([n / 2])) ** 2).sum())
+    elif psf_model == MOFFAT:
+        psf, psf_stars, apcorr_err = None, None, 0.0
+        # QA only: Moffat PSF fluxes are total fluxes; this ratio drifts from 1 if it is off
+        ap4 = sep.sum_circle(image, x, y, 4 * fwhm, mask=bad, subpix=5)[0]
+        bright = clean & (flux / flux_err > 50)
+        apcorr = float(np.median(ap4[bright] / flux[bright])) if bright.any() else float("nan")
+        nea = 1.0 / float((moffat_stamps(np.zeros(1), np.zeros(1), fwhm,
+                                         int(np.ceil(4 * fwhm)))[3] ** 2).sum())
+    else:
+        raise ValueError(f"psf_model {psf_model!r}: choose from {PSF_MODELS}")
     ap, ap_err, _ = sep.sum_circle(image, x, y, APCORR_RADIUS, err=np.sqrt(exp.variance),
                                    mask=bad, subpix=5)
-    used = psf_stars.used
-    clean_ap = isolated_aperture_flux(image, exp.variance, bad, psf, x, y, flux, used)
-    apcorr, apcorr_err = aperture_correction(flux[used], flux_err[used], clean_ap, ap_err[used])
-    flux, flux_err = flux * apcorr, flux_err * apcorr
     snr = flux / flux_err
     clean &= np.isfinite(snr)
 
@@ -279,7 +292,6 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     # measured background noise (as Rubin's skyNoise), the noise detection thresholds on; the
     # variance plane misses master-calib and confusion noise
     sky_noise = float(np.sqrt(np.median(bkg_var[~bad])))
-    nea = apcorr ** 2 / float((psf.centred(np.array([n / 2]), np.array([n / 2])) ** 2).sum())
 
     def depth(zeropoint: float) -> float:
         return float(zeropoint - 2.5 * np.log10(5 * sky_noise * np.sqrt(nea)))
@@ -294,7 +306,8 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     zp, zp_err, n_zp = weighted_zeropoint(zp_points[use], ref_mag[use],
                                           np.asarray(phot_ref[f"{band}_magErr"])[use], zp0,
                                           nea * sky_noise ** 2)
-    zp_err = float(np.hypot(zp_err, 1.0857 * apcorr_err / apcorr))   # every flux shares it
+    if psf_model == EMPIRICAL:     # every flux shares the aperture correction's error
+        zp_err = float(np.hypot(zp_err, 1.0857 * apcorr_err / apcorr))
     m5 = depth(zp)
 
     ra, dec = wcs.all_pix2world(x, y, 0)
@@ -308,12 +321,12 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
         "psf_flux": flux, "psf_flux_err": flux_err, "ap_flux": ap, "ap_flux_err": ap_err,
         "mag": mag, "mag_err": mag_err, "snr": snr, "saturated": saturated, "edge": edge,
         "blended": objs["blended"], "significance": objs["significance"], "ref_id": ref_id,
-        "psf_used": np.isin(np.arange(len(x)), psf_stars.used),
-        "psf_reserved": np.isin(np.arange(len(x)), psf_stars.reserved),
+        "psf_used": np.isin(np.arange(len(x)), psf_stars.used if psf_stars else []),
+        "psf_reserved": np.isin(np.arange(len(x)), psf_stars.reserved if psf_stars else []),
     })
     meta = exp.metadata.copy()
     for key, value, comment in [
-        ("ZP", float(zp), "mag of 1 e- of aperture-corrected PSF flux"),
+        ("ZP", float(zp), "mag of 1 e- of PSF flux (flat-fielded)"),
         ("ZP_ERR", zp_err, "mag"),
         ("ZP_NSTAR", n_zp, "reference stars in the zeropoint"),
         ("PSF_FWHM", fwhm * PIXEL_SCALE, "arcsec"),
@@ -324,23 +337,49 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
         ("NSOURCE", len(x), "detections at 5 sigma"),
         ("WCS_RMS", wcs_rms, "mas, reference match residual"),
         ("WCS_NREF", len(si), "reference stars in the astrometric fit"),
-        ("APCORR", apcorr, "applied: aperture / PSF-model flux, PSF stars"),
-        ("APCORR_E", apcorr_err, "error of APCORR"),
-        ("APRADIUS", APCORR_RADIUS, "pixels, the aperture fluxes are corrected to"),
-        ("PSF_EMP", psf.empirical, "PSF fitted to the stars (else a Moffat)"),
-        ("PSF_DEG", psf.degree, "polynomial degree of the PSF model over the CCD"),
-        ("PSF_NFIT", len(psf_stars.used), "stars the PSF model was fitted to"),
-        ("PSF_NRES", len(psf_stars.reserved), "reserved stars (PSF QA)"),
+        ("PSFMODEL", psf_model, "PSF fluxes from: moffat | empirical"),
     ]:
         meta[key] = (value, comment)
-    for key, resid, comment in (("PSF_DSIZ", psf_stars.size_resid, "size/size"),
-                                ("PSF_DE1", psf_stars.e1_resid, "e1"),
-                                ("PSF_DE2", psf_stars.e2_resid, "e2")):
-        finite = resid[np.isfinite(resid)]
-        if finite.size:   # FITS headers hold no NaN
-            meta[key] = (float(np.sqrt(np.mean(finite ** 2))), f"rms data-model {comment}, reserved")
+    if psf_model == MOFFAT:
+        if np.isfinite(apcorr):   # FITS headers hold no NaN; no bright star, no QA value
+            meta["APCORR"] = (apcorr, "QA: 4-FWHM aperture / PSF flux, bright stars")
+    else:
+        meta["ZP"] = (float(zp), "mag of 1 e- of aperture-corrected PSF flux")
+        for key, value, comment in [
+            ("APCORR", apcorr, "applied: aperture / PSF-model flux, PSF stars"),
+            ("APCORR_E", apcorr_err, "error of APCORR"),
+            ("APRADIUS", APCORR_RADIUS, "pixels, the aperture fluxes are corrected to"),
+            ("PSF_EMP", psf.empirical, "PSF fitted to the stars (else a Moffat)"),
+            ("PSF_DEG", psf.degree, "polynomial degree of the PSF model over the CCD"),
+            ("PSF_NFIT", len(psf_stars.used), "stars the PSF model was fitted to"),
+            ("PSF_NRES", len(psf_stars.reserved), "reserved stars (PSF QA)")]:
+            meta[key] = (value, comment)
+        for key, resid, comment in (("PSF_DSIZ", psf_stars.size_resid, "size/size"),
+                                    ("PSF_DE1", psf_stars.e1_resid, "e1"),
+                                    ("PSF_DE2", psf_stars.e2_resid, "e2")):
+            finite = resid[np.isfinite(resid)]
+            if finite.size:   # FITS headers hold no NaN
+                meta[key] = (float(np.sqrt(np.mean(finite ** 2))),
+                             f"rms data-model {comment}, reserved")
     return Exposure(image=image, variance=exp.variance, mask=mask, wcs=wcs, metadata=meta,
                     psf=psf), stars
+
+
+def empirical_photometry(image: np.ndarray, bkg_var: np.ndarray, variance: np.ndarray,
+                         bad: np.ndarray, x: np.ndarray, y: np.ndarray, snr: np.ndarray,
+                         clean: np.ndarray, first: np.ndarray, fwhm: float):
+    """The empirical PSF model (psf_model.py), its stars, every source's flux and error from
+    it corrected to APCORR_RADIUS, and that correction with its error."""
+    candidates, cand_moments = select_candidates(image, x, y, snr, clean, fwhm)
+    psf, psf_stars = fit_pixel_psf(image, bkg_var, x, y, first, candidates, cand_moments, fwhm,
+                                   image.shape[0])
+    flux, flux_err = psf_flux(image, bkg_var, x, y, psf, variance=variance)
+    used = psf_stars.used
+    ap_err = sep.sum_circle(image, x[used], y[used], APCORR_RADIUS, err=np.sqrt(variance),
+                            mask=bad, subpix=5)[1]
+    clean_ap = isolated_aperture_flux(image, variance, bad, psf, x, y, flux, used)
+    factor, error = aperture_correction(flux[used], flux_err[used], clean_ap, ap_err)
+    return psf, psf_stars, flux * factor, flux_err * factor, factor, error
 
 
 def isolated_aperture_flux(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, psf,

@@ -21,12 +21,13 @@ from drp_flows.datamodel import CALIB_COLLECTION, SKYMAP_RUN
 from drp_flows.engine.quanta import OutputWriter, Quantum, reading
 from drp_flows.errors import DataError
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.calibrate import calibrate, visit_psf_fwhm
-from drp_flows.tasks.camera import INSTRUMENT, Camera
+from drp_flows.tasks.calibrate import MOFFAT, calibrate, visit_psf_fwhm
+from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.images import read_fits
 from drp_flows.tasks.isolated_stars import associate
 from drp_flows.tasks.isr import check_raw, check_science_header, run_isr
+from drp_flows.tasks.psf import psf_flux_scale
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
 
 CALIBRATE = "calibrateImage"
@@ -36,7 +37,7 @@ SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zer
                 "PSF_FWHM": "psf_fwhm", "FWHM_ERR": "psf_fwhm_err", "SKYBG": "sky_bg",
                 "SKYNOISE": "sky_noise", "M5": "m5",
                 "NSOURCE": "n_source", "WCS_RMS": "astrom_rms_mas", "WCS_NREF": "astrom_nref",
-                "APCORR": "ap_corr"}
+                "APCORR": "ap_corr", "APRADIUS": "ap_radius"}
 
 
 def camera_config(butler: Butler) -> dict:
@@ -84,7 +85,8 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
                        _calib_image(storage, quantum.inputs["dark"]),
                        _calib_image(storage, quantum.inputs["flat"]))
     image, stars = calibrate(post_isr, _refcat(storage, tuple(quantum.inputs["refcat"])),
-                             band, sip_degree=config.get("sip_degree", 2))
+                             band, sip_degree=config.get("sip_degree", 2),
+                             psf_model=config.get("psf_model", MOFFAT))
     image.metadata["VISIT"] = quantum.data_id["visit"]
     out.write("preliminary_visit_image", image.to_bytes())
     stars.meta = {"visit": quantum.data_id["visit"], "detector": detector,
@@ -93,15 +95,22 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
 
 
 def apply_visit_psf(summary: Table) -> None:
-    """Give every detector the visit's PSF size when the detectors agree on it (psf_fwhm; the
-    detector's own fit is kept as psf_fwhm_detector): what the coadd's PSF and the difference
-    imaging take as the size. Fluxes do not move with it: they come from each CCD's own
-    empirical model, aperture corrected (calibrate.py)."""
+    """Give every detector the visit's PSF size when the detectors agree on it: psf_fwhm
+    becomes the visit's (the detector's own fit is kept as psf_fwhm_detector), and, where the
+    PSF fluxes came from the detector's Moffat, the zeropoint moves with the flux factor
+    psf_flux_scale that they take (an empirical model's aperture-corrected fluxes, `ap_radius`
+    set, stay)."""
     summary["psf_fwhm_detector"] = summary["psf_fwhm"]
+    summary["psf_flux_scale"] = 1.0
     visit_fwhm = visit_psf_fwhm(np.asarray(summary["psf_fwhm"], float),
                                 np.asarray(summary["psf_fwhm_err"], float))
-    if visit_fwhm is not None:
-        summary["psf_fwhm"] = visit_fwhm
+    if visit_fwhm is None:
+        return
+    for row in summary:
+        scale = psf_flux_scale(row["psf_fwhm"] / PIXEL_SCALE, visit_fwhm / PIXEL_SCALE) \
+            if not np.isfinite(row["ap_radius"]) else 1.0
+        row["psf_fwhm"], row["psf_flux_scale"] = visit_fwhm, scale
+        row["zero_point"] += 2.5 * np.log10(scale)
 
 
 def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
@@ -117,10 +126,13 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
     summary = Table(rows=rows)
     summary.sort("detector")
     apply_visit_psf(summary)
+    flux_scale = dict(zip(summary["detector"].tolist(), summary["psf_flux_scale"].tolist(), strict=True))
     out.write("preliminary_visit_summary", table_bytes(summary))
     tables = []
     for uri in quantum.inputs.get("single_visit_star_unstandardized", []):
         t = read_table(storage, uri)
+        for column in ("psf_flux", "psf_flux_err"):
+            t[column] *= flux_scale[t.meta["detector"]]
         t["visit"] = np.full(len(t), t.meta["visit"], dtype=np.int64)
         t["detector"] = np.full(len(t), t.meta["detector"], dtype=np.int32)
         t["band"] = t.meta["band"]

@@ -105,6 +105,12 @@ def _truth(survey: Path):
     return {(int(r["visit"]), int(r["detector"])): r for r in ccd}, visits, stars
 
 
+def true_zeropoint(truth_row, aperture: bool) -> float:
+    """The true zeropoint on the scale of the CCD's fluxes: total flux (Moffat PSF fluxes),
+    or inside the aperture that empirical-model fluxes are corrected to."""
+    return float(truth_row["zp_true_aperture"] if aperture else truth_row["zp_true"])
+
+
 def ccd_qa(image_header: fits.Header, primary: fits.Header, stars: Table, truth_row,
            truth_stars: Table, band: str, mjd: float, n: int) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics of one CCD; also (true mag - m5, detected?) for the truth stars on it."""
@@ -131,7 +137,7 @@ def ccd_qa(image_header: fits.Header, primary: fits.Header, stars: Table, truth_
             np.column_stack([ax[on], ay[on]]))
         found = dist < 2.0
     row = {"visit": truth_row["visit"], "detector": truth_row["detector"], "band": band,
-           "zp_err_mmag": (primary["ZP"] - truth_row["zp_true_aperture"]) * 1000,
+           "zp_err_mmag": (primary["ZP"] - true_zeropoint(truth_row, "APRADIUS" in primary)) * 1000,
            "wcs_sq_sum": float(sq.sum()), "wcs_n": int(sq.size),
            "wcs_rms_mas": float(np.sqrt(sq.mean())) if sq.size else np.nan,
            "m5": primary["M5"], "psf_fwhm": primary["PSF_FWHM"]}
@@ -380,7 +386,9 @@ def step2_qa(butler: Butler, collection: str, survey: Path) -> Step2QA:
     zeropoints = butler.get(zps[0])
     prelim = vstack([butler.get(r) for r in prelims], metadata_conflicts="silent")
     prelim_zp = {(int(r["visit"]), int(r["detector"])): r["zero_point"] for r in prelim}
-    true = np.array([truth_ccd[(int(v), int(d))]["zp_true_aperture"]
+    aperture = {(int(r["visit"]), int(r["detector"])): bool(np.isfinite(r["ap_radius"]))
+                for r in prelim}
+    true = np.array([true_zeropoint(truth_ccd[(int(v), int(d))], aperture[(int(v), int(d))])
                      for v, d in zip(zeropoints["visit"], zeropoints["detector"], strict=True)])
     per = zeropoints["visit", "detector", "band", "status"]
     per["zp_err_mmag"] = (zeropoints["zero_point"] - true) * 1000
