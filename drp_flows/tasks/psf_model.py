@@ -170,8 +170,8 @@ def select_candidates(image: np.ndarray, x: np.ndarray, y: np.ndarray, snr: np.n
     ok = np.isfinite(m).all(axis=1)
     if ok.sum() < 3:
         return idx[ok], m[ok]
-    # the locus follows the PSF over the CCD: a cut about one median size kept only the
-    # stars near it and the model's size change came out at 80% of the truth's
+    # the locus follows the PSF over the CCD: a cut about one median size would drop the
+    # stars where a size gradient makes the PSF largest or smallest
     degree = next(d for d in (2, 1, 0) if ok.sum() >= MIN_STARS[d])
     size = trend(x[idx], y[idx], m[:, 0], ok, degree, n)
     e = np.column_stack([trend(x[idx], y[idx], m[:, k], ok, degree, n) for k in (1, 2)])
@@ -273,8 +273,8 @@ def solve_model(d: np.ndarray, w: np.ndarray, t: np.ndarray) -> tuple[np.ndarray
         if t.shape[1]:
             side = int(round(np.sqrt(d.shape[1])))
             # size, shear, and the mean itself: a star's flux, taken from a model of the wrong
-            # size, is off with it, and without a term of its own that error pulled the size
-            # change to 80% of the truth's
+            # size, is off with it, and without a term of its own that error pulls the fitted
+            # size change low
             basis = np.vstack([shape_basis(coeffs[0].reshape(side, side)).reshape(
                 len(SHAPE_BASIS), -1), coeffs[:1]])
             gram = (w[:, None, :] * basis[None]) @ basis.T              # [star, b, b]
