@@ -30,7 +30,7 @@ from drp_flows.tasks.coadd import NJY_MAG0
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.property_maps import NSIDE
 from drp_flows.tasks.skymap import SKYMAP_NAME
-from drp_flows.validation.qa import MAG_BINS, _crossing, check
+from drp_flows.validation.qa import MAG_BINS, check, completeness50
 
 TARGETS = {"completeness50_offset_mag": 0.1, "flux_scale_mmag": 10.0, "pull_std": (0.85, 1.15)}
 ISOLATION_ARCSEC = 3.0
@@ -121,7 +121,7 @@ def band_qa(objects: Table, band: str, truth: Table, depth: np.ndarray) -> dict:
         offset = -2.5 * np.log10(flux[bright] / true_flux[bright])
         pulls = (flux[faint] - true_flux[faint]) / err[faint]
     return {"n_truth": int(len(truth)), "dm": centres, "fraction": frac,
-            "completeness50_offset_mag": _crossing(np.array(centres), np.array(frac), 0.5),
+            "completeness50_offset_mag": completeness50(dm, detected),
             "n_bright": int(bright.sum()),
             "flux_scale_mmag": float(np.median(offset) * 1000) if bright.any() else float("nan"),
             "n_pull": int(faint.sum()),
