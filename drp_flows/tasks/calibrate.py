@@ -260,22 +260,22 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
     edge = (x < 2 * fwhm) | (x > n - 1 - 2 * fwhm) | (y < 2 * fwhm) | (y > n - 1 - 2 * fwhm)
     flux, flux_err = psf_flux(image, bkg_var, x, y, fwhm, variance=exp.variance)
     clean = ~saturated & ~edge & ~objs["blended"] & np.isfinite(flux / flux_err)
+    if psf_model not in PSF_MODELS:
+        raise ValueError(f"psf_model {psf_model!r}: choose from {PSF_MODELS}")
+    # the aperture the fluxes are corrected to (empirical), or a QA check of the Moffat's
+    ap, ap_err, _ = sep.sum_circle(image, x, y, APCORR_RADIUS if psf_model == EMPIRICAL
+                                   else 4 * fwhm, err=np.sqrt(exp.variance), mask=bad, subpix=5)
     if psf_model == EMPIRICAL:
         psf, psf_stars, flux, flux_err, apcorr, apcorr_err = empirical_photometry(
-            image, bkg_var, exp.variance, bad, x, y, flux / flux_err, clean, flux, fwhm)
+            image, bkg_var, exp.variance, bad, x, y, flux / flux_err, clean, flux, fwhm, ap_err)
         nea = apcorr ** 2 / float((psf.centred(np.array([n / 2]), np.array([n / 2])) ** 2).sum())
-    elif psf_model == MOFFAT:
+    else:
         psf, psf_stars, apcorr_err = None, None, 0.0
         # QA only: Moffat PSF fluxes are total fluxes; this ratio drifts from 1 if it is off
-        ap4 = sep.sum_circle(image, x, y, 4 * fwhm, mask=bad, subpix=5)[0]
         bright = clean & (flux / flux_err > 50)
-        apcorr = float(np.median(ap4[bright] / flux[bright])) if bright.any() else float("nan")
+        apcorr = float(np.median(ap[bright] / flux[bright])) if bright.any() else float("nan")
         nea = 1.0 / float((moffat_stamps(np.zeros(1), np.zeros(1), fwhm,
                                          int(np.ceil(4 * fwhm)))[3] ** 2).sum())
-    else:
-        raise ValueError(f"psf_model {psf_model!r}: choose from {PSF_MODELS}")
-    ap, ap_err, _ = sep.sum_circle(image, x, y, APCORR_RADIUS, err=np.sqrt(exp.variance),
-                                   mask=bad, subpix=5)
     snr = flux / flux_err
     clean &= np.isfinite(snr)
 
@@ -368,24 +368,22 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
 
 def empirical_photometry(image: np.ndarray, bkg_var: np.ndarray, variance: np.ndarray,
                          bad: np.ndarray, x: np.ndarray, y: np.ndarray, snr: np.ndarray,
-                         clean: np.ndarray, first: np.ndarray, fwhm: float):
+                         clean: np.ndarray, first: np.ndarray, fwhm: float, ap_err: np.ndarray):
     """The empirical PSF model (psf_model.py), its stars, every source's flux and error from
-    it corrected to APCORR_RADIUS, and that correction with its error."""
+    it corrected to APCORR_RADIUS (`ap_err`: each source's aperture flux error), and that
+    correction with its error."""
     candidates, cand_moments = select_candidates(image, x, y, snr, clean, fwhm)
     psf, psf_stars = fit_pixel_psf(image, bkg_var, x, y, first, candidates, cand_moments, fwhm,
                                    image.shape[0])
     flux, flux_err = psf_flux(image, bkg_var, x, y, psf, variance=variance)
     used = psf_stars.used
-    ap_err = sep.sum_circle(image, x[used], y[used], APCORR_RADIUS, err=np.sqrt(variance),
-                            mask=bad, subpix=5)[1]
-    clean_ap = isolated_aperture_flux(image, variance, bad, psf, x, y, flux, used)
-    factor, error = aperture_correction(flux[used], flux_err[used], clean_ap, ap_err)
+    clean_ap = isolated_aperture_flux(image, bad, psf, x, y, flux, used)
+    factor, error = aperture_correction(flux[used], flux_err[used], clean_ap, ap_err[used])
     return psf, psf_stars, flux * factor, flux_err * factor, factor, error
 
 
-def isolated_aperture_flux(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, psf,
-                           x: np.ndarray, y: np.ndarray, flux: np.ndarray,
-                           stars: np.ndarray) -> np.ndarray:
+def isolated_aperture_flux(image: np.ndarray, bad: np.ndarray, psf, x: np.ndarray,
+                           y: np.ndarray, flux: np.ndarray, stars: np.ndarray) -> np.ndarray:
     """Aperture fluxes (APCORR_RADIUS) of `stars` with every other detection's PSF model
     subtracted first (in the demo's crowded fields a neighbour inside 3" made the aperture
     correction 0.5-1% high), less the local background of that residual image in an annulus
@@ -398,12 +396,10 @@ def isolated_aperture_flux(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     residual = image - scene.reshape(image.shape)
     ap, _, _ = sep.sum_circle(residual, x[stars], y[stars], APCORR_RADIUS, mask=bad, subpix=5,
                               bkgann=APCORR_ANNULUS)
+    c = float(psf.half)
     for k, i in enumerate(stars):      # and the star's own model back
-        own = np.zeros_like(models[i])
-        own += models[i]
-        c = float(psf.half)
-        ap[k] += sep.sum_circle(own, [c + x[i] - ix[i]], [c + y[i] - iy[i]], APCORR_RADIUS,
-                                subpix=5)[0][0]
+        ap[k] += sep.sum_circle(np.ascontiguousarray(models[i]), [c + x[i] - ix[i]],
+                                [c + y[i] - iy[i]], APCORR_RADIUS, subpix=5)[0][0]
     return ap
 
 

@@ -1,17 +1,17 @@
-"""An empirical PSF that varies over the CCD, as PSFEx builds it: a pixel image per polynomial
-term in (x, y), fitted to bright stars selected by size and shape, checked on reserved ones.
-
-Why not Piff (Rubin's): its PixelGrid fit iterates in Python over every star and takes seconds
-per CCD; this one is a few vectorised least squares (~0.1 s for 100 stars), inside step 1's
-budget of about a second per 1k CCD. The model is the same kind: pixel values at native
-sampling (a PSF of FWHM >= 3.5 px is sampled finely enough), each a polynomial of degree <= 2
-over the CCD, stars registered with a 7-tap Lanczos-3 shift.
+"""An empirical PSF that varies over the CCD: the PSF stars' mean image at native sampling (a
+PSF of FWHM >= 3.5 px is sampled finely enough), plus how that image changes as it grows and
+shears, each change a polynomial of the position of degree <= 2 (the fewest terms the stars
+ask for), fitted to bright stars selected by size and shape, checked on reserved ones. Stars
+are registered with a 7-tap Lanczos-3 shift. A free polynomial per pixel (PSFEx's basis,
+Piff's PixelGrid) fitted the stars' noise: 1% flux errors at the corners of a CCD whose PSF
+was constant. Piff itself (Rubin's) is not used: its fits iterate in Python over the stars
+(not measured here); this is a few vectorised least squares, ~0.3 s a 1k CCD.
 
 - Star selection (Rubin's objectSizeStarSelector, by size and shape): unblended, unsaturated
   sources at S/N >= 50 whose adaptive-moment size (galsim.hsm, the HSM moments Rubin uses for
-  PSF shapes) lies on the stellar locus (within 3 robust sigma of the median, and at most
-  SIZE_TOLERANCE above it) with a shape near the median's: galaxies, larger or more elongated,
-  and blends are left out. One star in RESERVE_EVERY is reserved (never fitted) to check the
+  PSF shapes) lies on the stellar locus (within 3 robust sigma of its trend over the CCD, and
+  at most SIZE_TOLERANCE above it) with a shape near the trend's: galaxies, larger or more
+  elongated, and blends are left out. One star in RESERVE_EVERY is reserved (never fitted) to check the
   model: size and shape residuals (data minus model) at reserved stars are the PSF QA.
 - PSF fluxes are normalised to the model's stamp (`half` pixels); the aperture correction
   (calibrate.py) then puts them on a fixed aperture's scale.
@@ -245,9 +245,7 @@ def fit_pixel_psf(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: n
         penalty = np.log(max(np.count_nonzero(w), 2))
         best = int(np.argmin([chi2 + penalty * (len(SHAPE_BASIS) + 1) * n
                               for n, (_, chi2) in zip((0, 2, 5), fits, strict=False)]))
-        coeffs = np.zeros((1 + t.shape[1], side * side))
-        coeffs[:len(fits[best][0])] = fits[best][0]
-        model = PixelPsf(coeffs.reshape(-1, side, side), degree, ccd_size, fwhm_px)
+        model = PixelPsf(fits[best][0].reshape(-1, side, side), best, ccd_size, fwhm_px)
         pred = model.centred(x[fit_idx], y[fit_idx])
         # each star's flux from the model, its residual, and its photons for the weights
         wf = usable * pred / np.maximum(var, 1e-12)
