@@ -122,3 +122,38 @@ def test_no_template_is_a_clear_error(pair):
     sci, tmpl, _ = pair
     with pytest.raises(DiffimError, match="template covers"):
         subtract_images(sci, Template(tmpl.image, tmpl.variance, np.zeros((N, N), bool)), 5.5)
+
+
+def test_forced_photometry_uses_the_science_images_model_and_aperture_correction():
+    """A difference image of a visit calibrated on a 3" aperture's scale, whose PSF (beta 2.5)
+    holds 2% of its light beyond it: its empirical model and APCORR give total fluxes."""
+    from astropy.io import fits
+
+    from drp_flows.tasks.calibrate import APCORR_RADIUS
+    from drp_flows.tasks.psf_model import PixelPsf, model_half
+
+    rng = np.random.default_rng(3)
+    fwhm, beta, big = 5.0, 2.5, 60
+    alpha2 = (fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))) ** 2
+
+    def moffat(dx, dy):
+        return (beta - 1) / (np.pi * alpha2) * (1 + (dx ** 2 + dy ** 2) / alpha2) ** -beta
+
+    in_aperture = 1 - (1 + APCORR_RADIUS ** 2 / alpha2) ** (1 - beta)
+    g = np.arange(80.0, 330.0, 50.0)
+    x, y = (a.ravel() + rng.uniform(-0.5, 0.5, a.size) for a in np.meshgrid(g, g))
+    total = np.full(x.size, 5e4)
+    image = rng.normal(0, np.sqrt(SKY_VAR), (N, N))
+    offs = np.arange(-big, big + 1)
+    for xs, ys, t in zip(x, y, total, strict=True):
+        ix, iy = int(round(xs)), int(round(ys))
+        image[iy - big:iy + big + 1, ix - big:ix + big + 1] += t / in_aperture * moffat(
+            offs[None, :] + ix - xs, offs[:, None] + iy - ys)
+    h = model_half(fwhm)
+    stamp = moffat(np.arange(-h, h + 1)[None, :], np.arange(-h, h + 1)[:, None])
+    header = fits.Header({"APCORR": in_aperture / stamp.sum()})
+    diff = Exposure(image, np.full((N, N), SKY_VAR), np.zeros((N, N), np.int32), None, header,
+                    psf=PixelPsf(stamp[None] / stamp.sum(), 0, N, fwhm))
+    flux, err = forced_photometry(diff, x, y, fwhm, 1.0)
+    assert abs(np.median(flux / total) - 1) < 0.003
+    assert 0.5 * np.std(flux) < np.median(err) < 2 * np.std(flux)

@@ -30,7 +30,7 @@ from drp_flows.tasks.camera import PIXEL_SCALE
 from drp_flows.tasks.images import Exposure, bit
 from drp_flows.tasks.isolated_stars import unit_vectors
 from drp_flows.tasks.psf import fit_fwhm, moffat_stamps, psf_flux, stamp_indices
-from drp_flows.tasks.psf_model import fit_pixel_psf, select_candidates
+from drp_flows.tasks.psf_model import fit_pixel_psf, select_candidates, size_response
 
 DETECTION_SIGMA = 5.0
 BACKGROUND_CELL = 128
@@ -236,13 +236,13 @@ def fit_astrometry(x, y, ref: Table, wcs0: WCS, n: int, sip_degree: int):
 
 
 def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
-              fwhm_guess_arcsec: float = 1.0, psf_model: str = MOFFAT) -> tuple[Exposure, Table]:
+              fwhm_guess_arcsec: float = 1.0, psf_model: str = EMPIRICAL) -> tuple[Exposure, Table]:
     """Calibrate one post-ISR CCD: the preliminary visit image and its star table.
 
-    `psf_model`: "moffat", the CCD's fitted Moffat, whose PSF fluxes are total fluxes (the
-    campaign's, until the coadds and the global calibration take the other's scale); or
-    "empirical", the model that varies over the CCD (psf_model.py) with fluxes corrected to
-    APCORR_RADIUS, the zeropoint on that aperture's scale (issue 21: validation/scenes.py)."""
+    `psf_model`: "empirical" (the campaign's), the model that varies over the CCD
+    (psf_model.py) with fluxes corrected to APCORR_RADIUS, the zeropoint on that aperture's
+    scale; or "moffat", the CCD's fitted Moffat, whose PSF fluxes are total fluxes (what
+    step 1 measured before issue 21; validation/scenes.py compares the two)."""
     n = exp.image.shape[0]
     bad = (exp.mask & (bit("BAD") | bit("SAT"))) != 0
     image, bkg_var, sky = subtract_background(exp)
@@ -324,6 +324,12 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
         "blended": objs["blended"], "significance": objs["significance"], "ref_id": ref_id,
         "psf_used": np.isin(np.arange(len(x)), psf_stars.used if psf_stars else []),
         "psf_reserved": np.isin(np.arange(len(x)), psf_stars.reserved if psf_stars else []),
+        # HSM sigma (pixels) of the data and of the model at the PSF stars: the visit's PSF
+        # size over the focal plane (visit_psf.py)
+        "psf_size": at_stars(len(x), psf_stars.used if psf_stars else [],
+                             psf_stars.data_size if psf_stars else []),
+        "psf_model_size": at_stars(len(x), psf_stars.used if psf_stars else [],
+                                   psf_stars.model_size if psf_stars else []),
     })
     meta = exp.metadata.copy()
     for key, value, comment in [
@@ -353,7 +359,8 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
             ("PSF_EMP", psf.empirical, "PSF fitted to the stars (else a Moffat)"),
             ("PSF_DEG", psf.degree, "polynomial degree of the PSF model over the CCD"),
             ("PSF_NFIT", len(psf_stars.used), "stars the PSF model was fitted to"),
-            ("PSF_NRES", len(psf_stars.reserved), "reserved stars (PSF QA)")]:
+            ("PSF_NRES", len(psf_stars.reserved), "reserved stars (PSF QA)"),
+            ("PSF_KSIZ", size_response(psf), "PSF flux / true per model size / true")]:
             meta[key] = (value, comment)
         for key, resid, comment in (("PSF_DSIZ", psf_stars.size_resid, "size/size"),
                                     ("PSF_DE1", psf_stars.e1_resid, "e1"),
@@ -364,6 +371,13 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
                              f"rms data-model {comment}, reserved")
     return Exposure(image=image, variance=exp.variance, mask=mask, wcs=wcs, metadata=meta,
                     psf=psf), stars
+
+
+def at_stars(n: int, index, values) -> np.ndarray:
+    """A column of n sources: `values` at `index`, NaN elsewhere."""
+    column = np.full(n, np.nan)
+    column[np.asarray(index, int)] = values
+    return column
 
 
 def empirical_photometry(image: np.ndarray, bkg_var: np.ndarray, variance: np.ndarray,

@@ -264,7 +264,8 @@ def subtract_images(science: Exposure, template: Template, fwhm_px: float) -> Di
     meta["KCHI2"] = (kernel.chi2_dof, "median chi2/dof of the kernel stamps")
     meta["KSUM"] = (float(k0.sum()), "matching kernel sum at the CCD centre")
     meta["BUNIT"] = "nJy"
-    exposure = Exposure(diff, np.where(no_template, np.inf, variance), mask, science.wcs, meta)
+    exposure = Exposure(diff, np.where(no_template, np.inf, variance), mask, science.wcs, meta,
+                        psf=science.psf)
     return Difference(exposure, kernel, science.variance, np.where(no_template, 0.0, t_var[inner]),
                       fwhm_px)
 
@@ -306,12 +307,15 @@ def forced_photometry(exp: Exposure, x: np.ndarray, y: np.ndarray, fwhm_px: floa
                       error_scale: float) -> tuple[np.ndarray, np.ndarray]:
     """PSF flux (nJy) and error at fixed positions of a difference image: PSF weights with a
     flat background weight (the variance plane holds the stars' own photons), errors from
-    the variance plane times the correlated-noise factor."""
+    the variance plane times the correlated-noise factor. The PSF is the science image's
+    empirical model times its aperture correction where it has one (its nJy are on that
+    aperture's scale), else the Moffat of `fwhm_px`."""
+    psf, apcorr = (exp.psf, float(exp.metadata["APCORR"])) if exp.psf is not None else (fwhm_px, 1.0)
     finite = np.isfinite(exp.variance)
     var = np.where(finite, exp.variance, 0.0)
     flat = np.full(exp.image.shape, float(np.median(var[finite])))
-    flux, err = psf_flux(exp.image, np.where(finite, flat, 0.0), x, y, fwhm_px, variance=var)
-    return flux, err * error_scale
+    flux, err = psf_flux(exp.image, np.where(finite, flat, 0.0), x, y, psf, variance=var)
+    return flux * apcorr, err * error_scale * apcorr
 
 
 DIA_SOURCE_COLUMNS = {"x": float, "y": float, "psf_flux": float, "psf_flux_err": float,

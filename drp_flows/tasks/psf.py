@@ -2,35 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 MOFFAT_BETA = 3.5
-
-
-@dataclass
-class PsfMixture:
-    """Per source, a weighted mix of Moffats of several FWHMs: a coadd's PSF (`coadd_psf`)."""
-
-    fwhm_px: np.ndarray     # [component]
-    weights: np.ndarray     # [source, component], rows summing to 1
-
-    @property
-    def size_px(self) -> float:
-        """The mean FWHM over sources, for stamp sizes."""
-        return float(np.mean(self.weights @ self.fwhm_px))
-
-    def stamps(self, x: np.ndarray, y: np.ndarray, half: int):
-        """`moffat_stamps` of the mix (untruncated total flux 1), one component per FWHM."""
-        fwhms, which = np.unique(self.fwhm_px, return_inverse=True)
-        weights = np.zeros((len(x), len(fwhms)))
-        np.add.at(weights.T, which, self.weights.T)
-        prof = 0.0
-        for k, fwhm in enumerate(fwhms):
-            ix, iy, offs, p = moffat_stamps(x, y, fwhm, half, unit_sum=False)
-            prof = prof + weights[:, k, None, None] * p
-        return ix, iy, offs, prof
 
 
 def moffat_stamps(x: np.ndarray, y: np.ndarray, fwhm_px: float, half: int,
@@ -97,7 +71,7 @@ def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.nda
     too close to be told apart, or too faint to be detected, still add their light.
     """
     variance = weight_var if variance is None else variance
-    if hasattr(psf, "stamps"):      # a coadd's PsfMixture, a visit image's PixelPsf
+    if hasattr(psf, "stamps"):      # a coadd's CoaddPsf, a visit image's PixelPsf
         ix, iy, offs, prof = psf.stamps(x, y, int(np.ceil(2 * psf.size_px)))
     else:
         ix, iy, offs, prof = moffat_stamps(x, y, psf, int(np.ceil(2 * psf)), unit_sum=False)

@@ -19,7 +19,7 @@ was constant. Piff itself (Rubin's) is not used: its fits iterate in Python over
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import galsim
 import numpy as np
@@ -33,6 +33,8 @@ SNR_SPARSE = 20.0         # ... or this, when too few stars are brighter
 SIZE_TOLERANCE = 0.05     # a PSF star is at most 5% larger than the locus's median
 RESERVE_EVERY = 5         # every fifth candidate (by brightness) is reserved for the QA
 MIN_STARS = {2: 30, 1: 12, 0: 3}   # polynomial degree -> stars needed to fit it
+MIN_FIT_STARS = 15        # fewer, and the CCD keeps its Moffat: a mean image of a few noisy
+                          # stars fits their noise (u CCDs of 384 px: zeropoints 10-80 mmag off)
 LANCZOS = 3
 SHAPE_BASIS = ("size", "g1", "g2")   # what varies over a CCD (shape_basis)
 NEIGHBOUR_FWHM = 1.5      # a PSF star's pixels this close (FWHMs) to another detection are left out
@@ -54,6 +56,14 @@ def shift_stamps(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarr
     wx, wy = lanczos_weights(dx), lanczos_weights(dy)
     across = sum(wx[:, k, None, None] * pad[:, :, k:k + s] for k in range(2 * LANCZOS + 1))
     return sum(wy[:, k, None, None] * across[:, k:k + s, :] for k in range(2 * LANCZOS + 1))
+
+
+def fit_to_half(stamps: np.ndarray, half: int) -> np.ndarray:
+    """Stamps [n, s, s] cut or zero-padded about their middle pixel to 2 half + 1 a side."""
+    h = stamps.shape[1] // 2
+    if half < h:
+        return stamps[:, h - half:h + half + 1, h - half:h + half + 1]
+    return np.pad(stamps, ((0, 0), (half - h, half - h), (half - h, half - h)))
 
 
 def cutouts(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
@@ -113,12 +123,7 @@ class PixelPsf:
         own stamp (so a stamp cut smaller measures the model's flux all the same)."""
         x, y = np.asarray(x, float), np.asarray(y, float)
         ix, iy = np.round(x).astype(int), np.round(y).astype(int)
-        model = shift_stamps(self.centred(x, y), x - ix, y - iy)
-        h = self.half
-        if half < h:
-            model = model[:, h - half:h + half + 1, h - half:h + half + 1]
-        elif half > h:
-            model = np.pad(model, ((0, 0), (half - h, half - h), (half - h, half - h)))
+        model = fit_to_half(shift_stamps(self.centred(x, y), x - ix, y - iy), half)
         return ix, iy, np.arange(-half, half + 1), model
 
     def to_hdu(self) -> fits.ImageHDU:
@@ -145,6 +150,8 @@ class PsfStars:
     size_resid: np.ndarray    # at reserved stars: (data - model) / model of the HSM sigma
     e1_resid: np.ndarray
     e2_resid: np.ndarray
+    data_size: np.ndarray = field(default_factory=lambda: np.zeros(0))    # at used stars: HSM
+    model_size: np.ndarray = field(default_factory=lambda: np.zeros(0))   # sigma, pixels
 
 
 def model_half(fwhm_px: float) -> int:
@@ -217,10 +224,14 @@ def fit_pixel_psf(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: n
     order = np.arange(len(candidates))
     reserved_mask = (order % RESERVE_EVERY) == RESERVE_EVERY - 1
     fit_idx, res_idx = candidates[~reserved_mask], candidates[reserved_mask]
-    degree = next((d for d in (2, 1, 0) if len(fit_idx) >= MIN_STARS[d]), None)
+    degree = next((d for d in (2, 1, 0) if len(fit_idx) >= max(MIN_STARS[d], MIN_FIT_STARS)),
+                  None)
     if degree is None:
-        return moffat_model(fwhm_px, ccd_size), PsfStars(candidates, np.zeros(0, int),
-                                                         *np.zeros((3, 0)))
+        model = moffat_model(fwhm_px, ccd_size)
+        return model, PsfStars(candidates, np.zeros(0, int), *np.zeros((3, 0)),
+                               data_size=cand_moments[:, 0],
+                               model_size=moments(model.stamps(x[candidates], y[candidates], half)[3],
+                                                  fwhm_px / 2.3548)[:, 0])
     ix, iy = np.round(x[fit_idx]).astype(int), np.round(y[fit_idx]).astype(int)
     fx, fy = x[fit_idx] - ix, y[fit_idx] - iy
     registered = shift_stamps(cutouts(image, ix, iy, half), -fx, -fy)
@@ -255,8 +266,11 @@ def fit_pixel_psf(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: n
                 / np.maximum(var + source, 1e-12)).sum(axis=(1, 2)) / usable.sum(axis=(1, 2))
         centre = np.median(chi2[keep])
         keep = chi2 <= centre + 5 * 1.4826 * np.median(np.abs(chi2[keep] - centre))
-    stars = PsfStars(fit_idx[keep], res_idx, *reserved_residuals(x, y, res_idx, model,
-                                                                 cand_moments[reserved_mask]))
+    used = fit_idx[keep]
+    stars = PsfStars(used, res_idx, *reserved_residuals(x, y, res_idx, model,
+                                                        cand_moments[reserved_mask]),
+                     data_size=cand_moments[~reserved_mask][keep, 0],
+                     model_size=moments(model.stamps(x[used], y[used], half)[3], fwhm_px / 2.3548)[:, 0])
     return model, stars
 
 
@@ -290,6 +304,16 @@ def moffat_model(fwhm_px: float, ccd_size: int) -> PixelPsf:
     half = model_half(fwhm_px)
     image = moffat_stamps(np.zeros(1), np.zeros(1), fwhm_px, half)[3]
     return PixelPsf(image, 0, ccd_size, fwhm_px, empirical=False)
+
+
+def size_response(psf: PixelPsf) -> float:
+    """How a PSF flux measured with the model responds to the model's size error at the
+    CCD's centre: flux / true flux = 1 + k (model size / true size - 1); k ~ 1 (a Gaussian's
+    is 1), from the model's own size derivative (`shape_basis`)."""
+    c = np.array([(psf.ccd_size - 1) / 2])
+    p = psf.centred(c, c)[0]
+    grow = shape_basis(p)[0]          # the true PSF larger than the model by a fraction e: p + e grow
+    return float(-(p * grow).sum() / (p * p).sum())
 
 
 def shape_basis(mean: np.ndarray, step: float = 0.01) -> np.ndarray:

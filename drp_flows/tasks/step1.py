@@ -21,7 +21,7 @@ from drp_flows.datamodel import CALIB_COLLECTION, SKYMAP_RUN
 from drp_flows.engine.quanta import OutputWriter, Quantum, reading
 from drp_flows.errors import DataError
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.calibrate import MOFFAT, calibrate, visit_psf_fwhm
+from drp_flows.tasks.calibrate import EMPIRICAL, calibrate, visit_psf_fwhm
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.images import read_fits
@@ -29,6 +29,7 @@ from drp_flows.tasks.isolated_stars import associate
 from drp_flows.tasks.isr import check_raw, check_science_header, run_isr
 from drp_flows.tasks.psf import psf_flux_scale
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
+from drp_flows.tasks.visit_psf import size_factors
 
 CALIBRATE = "calibrateImage"
 CONSOLIDATE = "consolidateVisitSummary"
@@ -37,7 +38,7 @@ SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zer
                 "PSF_FWHM": "psf_fwhm", "FWHM_ERR": "psf_fwhm_err", "SKYBG": "sky_bg",
                 "SKYNOISE": "sky_noise", "M5": "m5",
                 "NSOURCE": "n_source", "WCS_RMS": "astrom_rms_mas", "WCS_NREF": "astrom_nref",
-                "APCORR": "ap_corr", "APRADIUS": "ap_radius"}
+                "APCORR": "ap_corr", "APRADIUS": "ap_radius", "PSF_KSIZ": "psf_size_response"}
 
 
 def camera_config(butler: Butler) -> dict:
@@ -86,7 +87,7 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
                        _calib_image(storage, quantum.inputs["flat"]))
     image, stars = calibrate(post_isr, _refcat(storage, tuple(quantum.inputs["refcat"])),
                              band, sip_degree=config.get("sip_degree", 2),
-                             psf_model=config.get("psf_model", MOFFAT))
+                             psf_model=config.get("psf_model", EMPIRICAL))
     image.metadata["VISIT"] = quantum.data_id["visit"]
     out.write("preliminary_visit_image", image.to_bytes())
     stars.meta = {"visit": quantum.data_id["visit"], "detector": detector,
@@ -128,15 +129,23 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
     apply_visit_psf(summary)
     flux_scale = dict(zip(summary["detector"].tolist(), summary["psf_flux_scale"].tolist(), strict=True))
     out.write("preliminary_visit_summary", table_bytes(summary))
-    tables = []
+    tables = {}
     for uri in quantum.inputs.get("single_visit_star_unstandardized", []):
         t = read_table(storage, uri)
+        tables[t.meta["detector"]] = t
+    size = {d: np.ones(len(t)) for d, t in tables.items()}
+    if tables and all("psf_size" in t.colnames for t in tables.values()):
+        response = dict(zip(summary["detector"].tolist(), summary["psf_size_response"].tolist(),
+                            strict=True))
+        size = size_factors(tables, Camera(**config["camera"]), response)
+    for d, t in tables.items():
         for column in ("psf_flux", "psf_flux_err"):
-            t[column] *= flux_scale[t.meta["detector"]]
+            t[column] *= flux_scale[d] * size[d]
+        t["mag"] -= 2.5 * np.log10(size[d])
+        t["psf_size_factor"] = size[d]
         t["visit"] = np.full(len(t), t.meta["visit"], dtype=np.int64)
         t["detector"] = np.full(len(t), t.meta["detector"], dtype=np.int32)
         t["band"] = t.meta["band"]
-        tables.append(t)
-    stars = vstack(tables, metadata_conflicts="silent") if tables else Table()
+    stars = vstack(list(tables.values()), metadata_conflicts="silent") if tables else Table()
     stars.meta = {"visit": quantum.data_id["visit"]}
     out.write("single_visit_star", table_bytes(stars))

@@ -89,6 +89,8 @@ def assemble_coadd(quantum: Quantum, storage: Storage, out: OutputWriter, config
         w = warp(exp, njy_scale(row["zero_point"]), wcs, shape)
         if w is not None:
             info = {"visit": visit, "detector": detector, "psf_fwhm": row["psf_fwhm"] / PIXEL_SCALE}
+            if exp.psf is not None:     # its model, and its flux on the aperture-scale coadd
+                info |= {"psf": exp.psf, "psf_norm": 1.0 / float(exp.metadata["APCORR"])}
             deep.add(w, info)
             if visit in best:
                 template.add(w, info)

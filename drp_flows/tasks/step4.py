@@ -114,7 +114,8 @@ def subtract_and_detect(quantum: Quantum, storage: Storage, out: OutputWriter, c
     if visit in used:
         raise ValueError(f"{quantum}: a template holds visit {visit} itself")
     template = build_template(templates, MiniSkymap(**config["skymap"]), exp.wcs, exp.image.shape)
-    science = Exposure(exp.image * scale, exp.variance * scale ** 2, exp.mask, exp.wcs, exp.metadata)
+    science = Exposure(exp.image * scale, exp.variance * scale ** 2, exp.mask, exp.wcs, exp.metadata,
+                       psf=exp.psf)
     covered = template.valid[template.inner].mean()
     if covered < MIN_TEMPLATE_COVERAGE:
         # the regions overlapped by a sliver: an all-NO_DATA difference and no sources, so

@@ -16,7 +16,8 @@ local WCS Jacobian of its position, convolved with the PSF there.
 Speed (SCIENCE.md): stars brighter than BRIGHT_E electrons are drawn with their own exact PSF by
 FFT (~1 ms each) in a stamp wide enough to hold all but ~0.1-0.3% of the flux; fainter stars
 use the PSF of the nearest of NODES x NODES points of the CCD, pre-drawn (pixel included) as an
-interpolated image, ~0.1 ms a star. Galaxies brighter than GALAXY_EXACT_E are convolved with
+interpolated image, dilated and sheared to the star's position (`SceneDrawer._moved`), ~0.1 ms
+a star. Galaxies brighter than GALAXY_EXACT_E are convolved with
 that node's PSF by FFT (~5 ms each: a de Vaucouleurs cusp and an Airy need large FFTs); the
 fainter nine in ten, below any S/N that matters, are drawn as the Gaussian of the same size
 and shape after the PSF (~0.1 ms). Photon shooting would be 100x slower. A 1k CCD of the
@@ -30,7 +31,6 @@ from dataclasses import asdict, dataclass
 
 import galsim
 import numpy as np
-import sep
 from astropy.table import Table
 from astropy.wcs import WCS
 
@@ -131,19 +131,6 @@ def true_psf_moments(field: PsfField, cam: Camera, detector: int, x, y) -> Table
     return Table(rows=rows, names=("sigma", "e1", "e2"), dtype=(float, float, float))
 
 
-def aperture_fraction(field: PsfField, cam: Camera, detector: int, radius_px: float) -> float:
-    """The fraction of a star's flux inside a `radius_px` aperture at the CCD's centre (the
-    true PSF, pixel included)."""
-    c = (cam.ccd_size - 1) / 2
-    side = 2 * int(np.ceil(radius_px)) + 11
-    image = field.profile(*(float(v) for v in focal_plane(cam, detector, c, c))).drawImage(
-        nx=side, ny=side, scale=1.0)
-    centre = (side - 1) / 2
-    inside, _, _ = sep.sum_circle(np.ascontiguousarray(image.array, dtype=float), [centre],
-                                  [centre], radius_px, subpix=5)
-    return float(inside[0])
-
-
 def make_galaxies(seed: int, ra: float, dec: float, half_w: float, half_h: float,
                   density: float, mag_bright: float = 18.0, mag_faint: float = 26.0,
                   slope: float = 0.35) -> Table:
@@ -213,18 +200,41 @@ class SceneDrawer:
         return self.field.profile(float(fx), float(fy))
 
     def _node(self, x: float, y: float) -> tuple[galsim.GSObject, galsim.InterpolatedImage, float]:
-        """The nearest node's PSF; it with the pixel as an interpolated image; and that one's
-        Gaussian-equivalent sigma (pixels)."""
+        """The nearest node's PSF; it with the pixel as an interpolated image, moved to (x, y)
+        (`_moved`); and that one's Gaussian-equivalent sigma (pixels)."""
         key = tuple(int(np.clip(np.round((v + 0.5) * NODES / self.cam.ccd_size - 0.5), 0,
                                          NODES - 1)) for v in (x, y))
         if key not in self._nodes:
-            psf = self._at(*(self.node_xy[k] for k in key))
+            xy = tuple(float(self.node_xy[k]) for k in key)
+            psf = self._at(*xy)
             side = 4 * (2 * stamp_half(BRIGHT_E) + 1)      # a faint star's stamp, 4x sampled
             with_pixel = galsim.Convolve(psf, galsim.Pixel(1.0)).drawImage(
                 nx=side, ny=side, scale=0.25, method="no_pixel")
+            fwhm, g1, g2 = (float(v) for v in self.field.atmosphere(*focal_plane(
+                self.cam, self.detector, *xy)))
+            atmosphere = galsim.Kolmogorov(fwhm=fwhm / PIXEL_SCALE).drawImage(
+                nx=side, ny=side, scale=0.25, method="no_pixel")
+            sigma = with_pixel.FindAdaptiveMom().moments_sigma * 0.25
+            share = (atmosphere.FindAdaptiveMom().moments_sigma * 0.25 / sigma) ** 2
             self._nodes[key] = (psf, galsim.InterpolatedImage(with_pixel, gsparams=GSPARAMS),
-                                with_pixel.FindAdaptiveMom().moments_sigma * 0.25)
-        return self._nodes[key]
+                                sigma, (fwhm, g1, g2, share))
+        psf, image, sigma, atmosphere = self._nodes[key]
+        moved, scale = self._moved(image, atmosphere, x, y)
+        return psf, moved, sigma * scale
+
+    def _moved(self, image: galsim.GSObject, node_atmosphere: tuple, x: float, y: float):
+        """A node's PSF image dilated and sheared by the atmosphere's change from the node to
+        (x, y), each scaled by the atmosphere's share of the PSF's second moments (the Airy,
+        diffusion and pixel do not change): the PSF of every faint star then changes smoothly
+        over the CCD, as the true one does, to first order in a change of < 1% within a
+        node's cell. (The nearest node's PSF alone was a staircase of three steps, which a
+        smooth model fits with 8/9 of the true gradient: a few mmag corner to corner.)
+        Returns the moved image and its size over the node's."""
+        fwhm0, g10, g20, share = node_atmosphere
+        fwhm, g1, g2 = (float(v) for v in self.field.atmosphere(*focal_plane(
+            self.cam, self.detector, x, y)))
+        scale = float(np.sqrt(1 + share * ((fwhm / fwhm0) ** 2 - 1)))
+        return image.dilate(scale).shear(g1=share * (g1 - g10), g2=share * (g2 - g20)), scale
 
     def _add(self, obj: galsim.GSObject, x: float, y: float, half: int, method: str) -> None:
         ix, iy = int(np.round(x)), int(np.round(y))

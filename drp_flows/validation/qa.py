@@ -5,12 +5,17 @@
 - Zeropoint: calibrated zeropoint minus the true one per CCD; rms in mmag (target <= 10).
 - Completeness: fraction of isolated true stars (no brighter star within 2.5 FWHM: depth, not
   crowding) detected vs magnitude relative to each CCD's m5; 50% should be at m5 +- 0.1 mag.
+- WCS and zeropoint per band too (the worst band against the same targets), and the PSF QA of
+  validation/qa_psf.py per band: the empirical model against the true PSF at reserved stars,
+  bright stars' magnitudes against their true total ones, their gradient across a CCD, and
+  galaxies among the PSF stars.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +25,13 @@ from lsst.daf.butler import Butler
 from scipy.spatial import cKDTree
 
 from drp_flows.sites.butler import open_dataset_file
-from drp_flows.tasks.calibrate import APCORR_RADIUS
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE
 from drp_flows.tasks.global_calib import SYS_FLOOR, repeatability
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
+from drp_flows.tasks.psf_model import PixelPsf
 from drp_flows.tasks.skymap import header_wcs
-from drp_flows.validation.simulate import aperture_zeropoints, load_survey, star_mags
+from drp_flows.validation import qa_psf
+from drp_flows.validation.simulate import load_survey, star_mags
 
 TARGETS = {"wcs_rms_mas": 10.0, "am1_mas": 10.0, "zp_rms_mmag": 10.0, "completeness50_offset_mag": 0.1,
            "global_zp_rms_mmag": 2.0, "pa1_gri_mmag": 5.0, "pa1_uzy_mmag": 7.5,
@@ -51,6 +57,8 @@ class Step1QA:
     per_ccd: Table = field(default_factory=Table)
     completeness: dict = field(default_factory=dict)
     am1: dict = field(default_factory=dict)
+    psf: dict = field(default_factory=dict)     # band -> qa_psf.band_psf_qa's figures
+    psf_fraction: dict = field(default_factory=dict)   # (visit, detector) -> psf_flux_fraction
 
     def checks(self) -> list[dict]:
         return [
@@ -61,7 +69,42 @@ class Step1QA:
             check("50% completeness (isolated stars) minus m5", self.completeness50_offset_mag,
                   "mag", f"within +-{TARGETS['completeness50_offset_mag']}",
                   abs(self.completeness50_offset_mag) <= TARGETS["completeness50_offset_mag"]),
-        ] + ([self._am1_check()] if self.am1 else [])
+        ] + ([self._am1_check()] if self.am1 else []) + self._band_checks()
+
+    def _band_checks(self) -> list[dict]:
+        """Each metric's worst band against its target, every band's value in the metric."""
+        if not len(self.per_ccd):
+            return []
+        per = self.per_ccd
+        bands = sorted(set(per["band"]))
+        wcs = {b: float(np.sqrt(per["wcs_sq_sum"][per["band"] == b].sum()
+                                / max(per["wcs_n"][per["band"] == b].sum(), 1))) for b in bands}
+        zp = {b: float(np.sqrt(np.mean(per["zp_err_mmag"][per["band"] == b] ** 2))) for b in bands}
+        rows = [("single-frame WCS vs truth (rms)", wcs, "mas", 1.0, TARGETS["wcs_rms_mas"]),
+                ("single-frame zeropoint vs truth (rms)", zp, "mmag", 1.0, TARGETS["zp_rms_mmag"])]
+        t = qa_psf.TARGETS
+        if self.psf:
+            psf = self.psf
+            rows += [
+                ("PSF model size vs true PSF at reserved stars (rms)",
+                 {b: v["psf_size"] for b, v in psf.items()}, "%", 100.0, t["psf_size"]),
+                ("PSF model e1, e2 vs true PSF at reserved stars (rms)",
+                 {b: v["psf_e"] for b, v in psf.items()}, "x 1e-3", 1e3, t["psf_e"]),
+                (f"PSF magnitude - true total, S/N >= {qa_psf.BRIGHT_SNR:g} stars (|median|)",
+                 {b: abs(v["psf_mag_mmag"]) for b, v in psf.items()}, "mmag", 1.0, t["psf_mag_mmag"]),
+                ("PSF magnitude residual, change corner to corner of a CCD (rms)",
+                 {b: v["gradient_mmag"] for b, v in psf.items()}, "mmag", 1.0, t["gradient_mmag"]),
+                ("galaxies among the PSF model's stars",
+                 {b: v["galaxy_fraction"] for b, v in psf.items()}, "%", 100.0, t["galaxy_fraction"])]
+        out = []
+        for metric, values, unit, scale, target in rows:
+            finite = {b: v for b, v in values.items() if np.isfinite(v)}
+            worst = max(finite, key=finite.get) if finite else None
+            listed = ", ".join(f"{b} {scale * v:.2f}" for b, v in values.items())
+            value = finite[worst] if worst else float("nan")
+            out.append(check(f"{metric}, worst band ({listed})", scale * value, unit,
+                             f"<= {scale * target:g}", value <= target))
+        return out
 
     def _am1_check(self) -> dict:
         a = self.am1
@@ -72,7 +115,7 @@ class Step1QA:
 
     def summary(self) -> dict:
         return {"n_ccd": self.n_ccd, "zp_mean_mmag": self.zp_mean_mmag,
-                "completeness": self.completeness, "am1": self.am1}
+                "completeness": self.completeness, "am1": self.am1, "psf": self.psf}
 
     def plot(self, plt, out: Path) -> str | None:
         if not len(self.per_ccd):
@@ -96,23 +139,28 @@ class Step1QA:
         return "step1_qa.png"
 
 
+@lru_cache(maxsize=2)
 def _truth(survey: Path):
-    """Truth rows by (visit, detector), with zp_true_aperture on the pipeline's scale."""
+    """Truth rows by (visit, detector), the visits and the stars (sorted by id); read once per
+    survey, so callers must not change them."""
     ccd = Table.read(survey / "truth" / "ccd_visits.parquet")
     visits = Table.read(survey / "truth" / "visits.parquet")
     stars = Table.read(survey / "truth" / "stars.parquet")
-    aperture_zeropoints(load_survey(survey)[0], ccd, visits, APCORR_RADIUS)
+    stars.sort("id")
     return {(int(r["visit"]), int(r["detector"])): r for r in ccd}, visits, stars
 
 
-def true_zeropoint(truth_row, aperture: bool) -> float:
-    """The true zeropoint on the scale of the CCD's fluxes: total flux (Moffat PSF fluxes),
-    or inside the aperture that empirical-model fluxes are corrected to."""
-    return float(truth_row["zp_true_aperture"] if aperture else truth_row["zp_true"])
+def true_zeropoint(truth_row, psf_fraction: float | None, apcorr: float) -> float:
+    """The true zeropoint on the scale of the CCD's fluxes: total flux (the Moffat's PSF
+    fluxes: `psf_fraction` None), or PSF-model fluxes times the aperture correction `apcorr`,
+    of which the model measures `psf_fraction` (qa_psf.psf_flux_fraction) of a star's total."""
+    zp = float(truth_row["zp_true"])
+    return zp if psf_fraction is None else zp + 2.5 * float(np.log10(psf_fraction * apcorr))
 
 
 def ccd_qa(image_header: fits.Header, primary: fits.Header, stars: Table, truth_row,
-           truth_stars: Table, band: str, mjd: float, n: int) -> tuple[dict, np.ndarray, np.ndarray]:
+           truth_stars: Table, band: str, mjd: float, n: int, psf_fraction: float | None
+           ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics of one CCD; also (true mag - m5, detected?) for the truth stars on it."""
     fitted, true_wcs = header_wcs(image_header), header_wcs(fits.Header.fromstring(truth_row["wcs"]))
     bright = stars[(stars["snr"] >= BRIGHT_SNR) & (stars["ref_id"] >= 0)]
@@ -137,7 +185,8 @@ def ccd_qa(image_header: fits.Header, primary: fits.Header, stars: Table, truth_
             np.column_stack([ax[on], ay[on]]))
         found = dist < 2.0
     row = {"visit": truth_row["visit"], "detector": truth_row["detector"], "band": band,
-           "zp_err_mmag": (primary["ZP"] - true_zeropoint(truth_row, "APRADIUS" in primary)) * 1000,
+           "zp_err_mmag": (primary["ZP"] - true_zeropoint(truth_row, psf_fraction,
+                                                          primary.get("APCORR", 1.0))) * 1000,
            "wcs_sq_sum": float(sq.sum()), "wcs_n": int(sq.size),
            "wcs_rms_mas": float(np.sqrt(sq.mean())) if sq.size else np.nan,
            "m5": primary["M5"], "psf_fwhm": primary["PSF_FWHM"]}
@@ -158,9 +207,12 @@ def _isolated(x, y, mags, near, radius: float) -> np.ndarray:
 def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
     """QA over the step-1 outputs in `collection` of every given site Butler."""
     truth_ccd, visits, truth_stars = _truth(survey)
-    truth_stars.sort("id")
     mjd = {int(v["visit"]): float(v["mjd"]) for v in visits}
-    rows, dm_all, found_all = [], [], []
+    seeing = {int(v["visit"]): float(v["seeing"]) for v in visits}
+    camera = load_survey(survey)[0].camera
+    galaxy_path = survey / "truth" / "galaxies.parquet"
+    galaxies = Table.read(galaxy_path) if galaxy_path.exists() else None
+    rows, dm_all, found_all, psf_ccds, fractions = [], [], [], [], {}
     for butler in butlers:
         # each site's own CCDs: a boundary visit's images moved to a neighbour count at home
         own = {int(r.dataId["visit"]) for r in butler.registry.queryDatasets(
@@ -175,18 +227,28 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
             with open_dataset_file(butler, ref) as f:
                 hdul = fits.open(f, lazy_load_hdus=True)
                 primary, image_header = hdul[0].header.copy(), hdul["IMAGE"].header.copy()
+                psf = PixelPsf.from_hdu(hdul["PSF"]) if "PSF" in hdul else None
             if visit not in stars_by_visit:
                 stars_by_visit[visit] = butler.get("single_visit_star", instrument=INSTRUMENT,
                                                    visit=visit, collections=collection)
             vs = stars_by_visit[visit]
             stars = vs[vs["detector"] == detector]
-            row, dm, found = ccd_qa(image_header, primary, stars, truth_ccd[(visit, detector)],
-                                    truth_stars, primary["BAND"], mjd[visit],
-                                    int(image_header["NAXIS1"]))
+            truth_row = truth_ccd[(visit, detector)]
+            psf_field = str(truth_row["psf_field"]) if "psf_field" in truth_row.colnames else ""
+            if psf is not None:
+                fractions[(visit, detector)] = qa_psf.psf_flux_fraction(
+                    psf, camera, detector, psf_field, seeing[visit])
+            row, dm, found = ccd_qa(image_header, primary, stars, truth_row, truth_stars,
+                                    primary["BAND"], mjd[visit], int(image_header["NAXIS1"]),
+                                    fractions.get((visit, detector)))
             rows.append(row)
             dm_all.append(dm)
             found_all.append(found)
-    qa = Step1QA(n_ccd=len(rows))
+            if psf is not None:
+                psf_ccds.append(qa_psf.ccd_psf_qa(psf, stars, truth_stars, galaxies, camera,
+                                                  detector, psf_field, seeing[visit],
+                                                  primary["BAND"], mjd[visit]))
+    qa = Step1QA(n_ccd=len(rows), psf=qa_psf.band_psf_qa(psf_ccds), psf_fraction=fractions)
     if not rows:
         return qa
     per = Table(rows=rows)
@@ -211,8 +273,6 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
             if int(ref.dataId["tract"]) not in tracts:
                 tracts[int(ref.dataId["tract"])] = butler.get(ref)
     if tracts:
-        from drp_flows.validation.simulate import load_survey
-
         footprint_arcmin = 3 * load_survey(survey)[0].ccd_size * PIXEL_SCALE / 60
         qa.am1 = am1(vstack(list(tracts.values()), metadata_conflicts="silent"),
                      AM1_ANNULUS_ARCMIN if footprint_arcmin >= 3 * AM1_ANNULUS_ARCMIN else 1.0)
@@ -383,10 +443,10 @@ def _magnitude_offsets(sources: Table, zp: dict, truth_stars: Table, mjd: dict,
     return out
 
 
-def step2_qa(butler: Butler, collection: str, survey: Path) -> Step2QA:
-    """QA of the global calibration, at the campaign site that holds every site's stars."""
+def step2_qa(butler: Butler, collection: str, survey: Path, psf_fraction: dict) -> Step2QA:
+    """QA of the global calibration, at the campaign site that holds every site's stars;
+    `psf_fraction`: step 1's QA's (Step1QA.psf_fraction), for the CCDs with an empirical PSF."""
     truth_ccd, visits, truth_stars = _truth(survey)
-    truth_stars.sort("id")
     mjd = {int(v["visit"]): float(v["mjd"]) for v in visits}
     qa = Step2QA()
     registry = butler.registry
@@ -401,9 +461,9 @@ def step2_qa(butler: Butler, collection: str, survey: Path) -> Step2QA:
     zeropoints = butler.get(zps[0])
     prelim = vstack([butler.get(r) for r in prelims], metadata_conflicts="silent")
     prelim_zp = {(int(r["visit"]), int(r["detector"])): r["zero_point"] for r in prelim}
-    aperture = {(int(r["visit"]), int(r["detector"])): bool(np.isfinite(r["ap_radius"]))
-                for r in prelim}
-    true = np.array([true_zeropoint(truth_ccd[(int(v), int(d))], aperture[(int(v), int(d))])
+    apcorr = {(int(r["visit"]), int(r["detector"])): float(r["ap_corr"]) for r in prelim}
+    true = np.array([true_zeropoint(truth_ccd[(int(v), int(d))], psf_fraction.get((int(v), int(d))),
+                                    apcorr[(int(v), int(d))])
                      for v, d in zip(zeropoints["visit"], zeropoints["detector"], strict=True)])
     per = zeropoints["visit", "detector", "band", "status"]
     per["zp_err_mmag"] = (zeropoints["zero_point"] - true) * 1000

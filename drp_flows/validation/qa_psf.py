@@ -10,8 +10,8 @@ Rubin's PSF QA measures the first two at reserved stars too):
   band's CCDs (a 1k CCD's ~140 bright stars fix each slope to ~3 mmag);
 - galaxies among the stars the model was fitted to (the galsim sky's; none on the Moffat sky).
 
-Used on single CCDs by validation/scenes.py; a campaign's report gets them once its step 1
-fits the empirical model (issue 21).
+`ccd_psf_qa` measures one CCD, `band_psf_qa` pools a band's CCDs: the campaign's step-1 QA
+(validation/qa.py) and the single-CCD probe (validation/scenes.py) both use them.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from drp_flows.tasks.camera import PIXEL_SCALE, Camera
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.psf import moffat_stamps
 from drp_flows.tasks.psf_model import PixelPsf, moments
-from drp_flows.validation.galsim_sky import PsfField, true_psf_moments
+from drp_flows.validation.galsim_sky import PsfField, focal_plane, true_psf_moments
 from drp_flows.validation.simulate import star_mags
 
 BRIGHT_SNR = 100.0
 MATCH_ARCSEC = 0.5
+TARGETS = {"psf_size": 0.005, "psf_e": 0.005, "psf_mag_mmag": 2.0, "gradient_mmag": 3.0,
+           "galaxy_fraction": 0.01}
 
 
 def model_against_truth(psf: PixelPsf, x: np.ndarray, y: np.ndarray, camera: Camera,
@@ -45,6 +47,30 @@ def model_against_truth(psf: PixelPsf, x: np.ndarray, y: np.ndarray, camera: Cam
     model = moments(psf.stamps(x, y, psf.half)[3], psf.fwhm_px / 2.3548)
     return model[:, 0] / true[:, 0] - 1, np.concatenate([model[:, 1] - true[:, 1],
                                                          model[:, 2] - true[:, 2]])
+
+
+def psf_flux_fraction(psf: PixelPsf, camera: Camera, detector: int, psf_field: str,
+                      seeing: float) -> float:
+    """What the model's PSF flux measures of a star of total flux 1: the estimator (flat
+    weights, as in the sky-limited regime) applied to the true PSF (the galsim sky's, pixel
+    included; the Moffat sky's, sampled at pixel centres as drawn), averaged over a 3x3 grid
+    of the CCD. With it the true zeropoint of fluxes that are PSF-model fluxes times an
+    aperture correction A is zp_true + 2.5 log10(s A): a calibration is right when its
+    zeropoint and A together give total fluxes, whatever A's own error (the zeropoint, fitted
+    to the corrected fluxes, takes it)."""
+    n = camera.ccd_size
+    grid = (np.arange(3) + 0.5) * n / 3
+    x, y = (a.ravel() for a in np.meshgrid(grid, grid))
+    model = psf.centred(x, y)
+    half = psf.half
+    if psf_field:
+        field = PsfField.from_json(psf_field)
+        true = np.array([field.profile(*(float(v) for v in focal_plane(camera, detector, px, py)))
+                         .drawImage(nx=2 * half + 1, ny=2 * half + 1, scale=1.0).array
+                         for px, py in zip(x, y, strict=True)])
+    else:
+        true = moffat_stamps(np.zeros(1), np.zeros(1), seeing / PIXEL_SCALE, half, unit_sum=False)[3]
+    return float(np.mean((model * true).sum(axis=(1, 2)) / (model * model).sum(axis=(1, 2))))
 
 
 def residual_plane(x: np.ndarray, y: np.ndarray, resid: np.ndarray, size: int) -> tuple[float, float]:
@@ -96,3 +122,47 @@ def galaxy_fraction(stars: Table, truth_stars: Table, galaxies: Table | None) ->
                                   np.asarray(truth_stars["dec"]))).query(xyz)[0]
     d_gal = cKDTree(unit_vectors(np.asarray(galaxies["ra"]), np.asarray(galaxies["dec"]))).query(xyz)[0]
     return len(used), int(((d_gal < d_star) & (d_gal < chord(MATCH_ARCSEC))).sum())
+
+
+def ccd_psf_qa(psf: PixelPsf | None, stars: Table, truth_stars: Table, galaxies: Table | None,
+               camera: Camera, detector: int, psf_field: str, seeing: float, band: str,
+               mjd: float) -> dict:
+    """One CCD's PSF QA from its model and star table (the columns calibrate writes): the
+    bright stars' magnitude residuals, the plane through them, the PSF stars and how many are
+    galaxies, and the model's size and shape errors at the reserved stars."""
+    bright = bright_residuals(stars, truth_stars, band, mjd)
+    resid = np.asarray(bright["resid"])
+    slope2, noise2 = residual_plane(np.asarray(bright["x"]), np.asarray(bright["y"]), resid,
+                                    camera.ccd_size)
+    n_psf, n_galaxies = galaxy_fraction(stars, truth_stars, galaxies)
+    reserved = stars[stars["psf_reserved"]]
+    size_err, e_err = np.zeros(0), np.zeros(0)
+    if psf is not None and len(reserved):
+        size_err, e_err = model_against_truth(psf, np.asarray(reserved["x"], float),
+                                              np.asarray(reserved["y"], float), camera, detector,
+                                              psf_field, seeing)
+    return {"band": band, "resid": resid, "slope2": slope2, "noise2": noise2,
+            "n_psf_stars": n_psf, "n_galaxies": n_galaxies, "size_err": size_err, "e_err": e_err}
+
+
+def band_psf_qa(ccds: list[dict]) -> dict[str, dict]:
+    """Per band, from its CCDs' `ccd_psf_qa`: median bright-star magnitude residual (mmag),
+    gradient corner to corner (mmag), rms model size (fraction) and e1/e2 errors at the
+    reserved stars, and the fraction of galaxies among the PSF stars."""
+    out = {}
+    for band in sorted({c["band"] for c in ccds}):
+        mine = [c for c in ccds if c["band"] == band]
+        resid = np.concatenate([c["resid"] for c in mine])
+        size = np.concatenate([c["size_err"] for c in mine])
+        e = np.concatenate([c["e_err"] for c in mine])
+        size, e = size[np.isfinite(size)], e[np.isfinite(e)]
+        n_psf = sum(c["n_psf_stars"] for c in mine)
+        out[band] = {
+            "n_ccd": len(mine), "n_bright": len(resid), "n_reserved": len(size),
+            "psf_mag_mmag": float(np.median(resid)) if len(resid) else float("nan"),
+            "gradient_mmag": corner_to_corner(np.array([c["slope2"] for c in mine]),
+                                              np.array([c["noise2"] for c in mine])),
+            "psf_size": float(np.sqrt(np.mean(size ** 2))) if len(size) else float("nan"),
+            "psf_e": float(np.sqrt(np.mean(e ** 2))) if len(e) else float("nan"),
+            "n_psf_stars": n_psf, "galaxy_fraction": sum(c["n_galaxies"] for c in mine) / max(n_psf, 1)}
+    return out

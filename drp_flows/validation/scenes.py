@@ -1,12 +1,14 @@
-"""Step 1 on single CCDs drawn another way: how the pipeline's calibration holds on a sky it
+"""Step 1 on one visit drawn another way: how the pipeline's calibration holds on a sky it
 does not model (validation/galsim_sky.py) against the same CCDs drawn as Moffats.
 
 Each CCD is simulated, put through ISR with its true calibrations (so that only the sky
-differs) and calibrated; the results are compared with the truth: the zeropoint, the WCS at
-bright stars, and what validation/qa_psf.py measures over a campaign (the PSF model against
-the true PSF at reserved stars, PSF magnitudes against true ones, their gradient over a CCD).
+differs) and calibrated, and the visit's star tables get the visit-level PSF size correction
+as consolidateVisitSummary makes it; the results are compared with the truth: the zeropoint,
+the WCS at bright stars, and what validation/qa_psf.py measures over a campaign (the PSF model
+against the true PSF at reserved stars, PSF magnitudes against true ones, their gradient over
+a CCD).
 Run `python -m drp_flows.validation.scenes` for the table per band, each sky with either PSF
-model (the campaign's Moffat, and the empirical one of issue 21).
+model (the empirical one the campaign fits, and the Moffat it fitted before issue 21).
 """
 
 from __future__ import annotations
@@ -19,23 +21,17 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from drp_flows.errors import DataError
-from drp_flows.tasks.calibrate import APCORR_RADIUS, EMPIRICAL, PSF_MODELS, calibrate
+from drp_flows.tasks.calibrate import EMPIRICAL, PSF_MODELS, calibrate
 from drp_flows.tasks.isolated_stars import unit_vectors
 from drp_flows.tasks.isr import run_isr
-from drp_flows.validation.qa_psf import (
-    BRIGHT_SNR,
-    bright_residuals,
-    corner_to_corner,
-    galaxy_fraction,
-    model_against_truth,
-    residual_plane,
-)
+from drp_flows.tasks.visit_psf import size_factors
+from drp_flows.validation.qa import true_zeropoint
+from drp_flows.validation.qa_psf import BRIGHT_SNR, band_psf_qa, ccd_psf_qa, psf_flux_fraction
 from drp_flows.validation.simulate import (
     EXPTIME,
     ZEROPOINT,
     SurveyConfig,
     Visit,
-    aperture_zeropoints,
     galaxies,
     hot_pixels,
     make_asteroids,
@@ -49,9 +45,9 @@ from drp_flows.validation.simulate import (
 
 def calibrate_scene(cfg: SurveyConfig, visit: Visit, detector: int, stars: Table,
                     asteroids: Table, galaxy_table: Table | None, refcat: Table,
-                    psf_model: str = EMPIRICAL, keep_image: bool = False) -> dict:
-    """One CCD through ISR and calibrate (with `psf_model`), against its truth (mmag, mas);
-    with the calibrated image as "image" when `keep_image`."""
+                    psf_model: str = EMPIRICAL) -> dict:
+    """One CCD through ISR and calibrate (with `psf_model`), against its truth (mmag, mas),
+    with the calibrated image, its star table and its truth ("image", "stars", "truth")."""
     raw, truth = simulate_science_ccd(cfg, visit, detector, stars, asteroids, galaxy_table)
     cam, n = cfg.camera, cfg.ccd_size
     post = run_isr(raw, cam, detector, np.zeros((n, n), np.float32),
@@ -61,39 +57,44 @@ def calibrate_scene(cfg: SurveyConfig, visit: Visit, detector: int, stars: Table
         image, found = calibrate(post, refcat, visit.band, psf_model=psf_model)
     except DataError as e:
         return {"band": visit.band, "detector": detector, "error": str(e)}
-    # the true zeropoint on the pipeline's scale (fluxes inside its aperture)
-    row = Table(rows=[{"visit": visit.visit, "detector": detector, "psf_field": truth.get("psf_field", ""),
-                       "zp_true": ZEROPOINT[visit.band] + 2.5 * np.log10(EXPTIME)
-                       - visit.extinction - truth["zp_offset"]}])
-    aperture_zeropoints(cfg, row, Table({"visit": [visit.visit], "seeing": [visit.seeing]}),
-                        APCORR_RADIUS)
-    zp_true = float(row["zp_true_aperture" if psf_model == EMPIRICAL else "zp_true"][0])
-    bright = bright_residuals(found, stars, visit.band, visit.mjd)
-    resid = np.asarray(bright["resid"])
-    # the WCS at the bright stars' true positions, as the campaign's QA measures it
-    wcs_mas = wcs_at_stars(image.wcs, WCS(truth["wcs"]), found, stars)
-    gradient, gradient_err = residual_plane(np.asarray(bright["x"]), np.asarray(bright["y"]),
-                                            resid, n)
-    n_psf, n_galaxies = galaxy_fraction(found, stars, galaxy_table)
-    reserved = found[found["psf_reserved"]]
-    size_err = e_err = np.full(1, np.nan)
-    if image.psf is not None and len(reserved):
-        size_err, e_err = model_against_truth(image.psf, np.asarray(reserved["x"], float),
-                                              np.asarray(reserved["y"], float), cam, detector,
-                                              truth.get("psf_field", ""), visit.seeing)
-    return {**({"image": image} if keep_image else {}),
+    # the true zeropoint on the scale of the CCD's fluxes (qa.true_zeropoint)
+    truth_row = {"zp_true": ZEROPOINT[visit.band] + 2.5 * np.log10(EXPTIME) - visit.extinction
+                 - truth["zp_offset"]}
+    fraction = None if image.psf is None else psf_flux_fraction(
+        image.psf, cam, detector, truth.get("psf_field", ""), visit.seeing)
+    zp_true = true_zeropoint(truth_row, fraction, float(image.metadata.get("APCORR", 1.0)))
+    return {"image": image, "stars": found, "truth": truth,
             "band": visit.band, "detector": detector, "seeing": visit.seeing,
             "zp_mmag": (float(image.metadata["ZP"]) - zp_true) * 1e3,
-            "zp_err_mmag": float(image.metadata["ZP_ERR"]) * 1e3, "wcs_mas": wcs_mas,
-            "psf_mag_mmag": float(np.median(resid)) if len(resid) else float("nan"),
-            "n_bright": len(resid), "slope2": gradient, "noise2": gradient_err,
+            "zp_err_mmag": float(image.metadata["ZP_ERR"]) * 1e3,
+            # the WCS at the bright stars' true positions, as the campaign's QA measures it
+            "wcs_mas": wcs_at_stars(image.wcs, WCS(truth["wcs"]), found, stars),
             "apcorr": float(image.metadata.get("APCORR", np.nan)),
-            "n_psf_stars": n_psf, "n_galaxies": n_galaxies,
-            "psf_size_truth": float(np.sqrt(np.nanmean(size_err ** 2))),
-            "psf_e_truth": float(np.sqrt(np.nanmean(e_err ** 2))),
             "psf_size_rms": float(image.metadata.get("PSF_DSIZ", np.nan)),
             "psf_e_rms": float(np.hypot(image.metadata.get("PSF_DE1", np.nan),
                                         image.metadata.get("PSF_DE2", np.nan)) / np.sqrt(2))}
+
+
+def calibrate_visit(cfg: SurveyConfig, visit: Visit, stars: Table, asteroids: Table,
+                    galaxy_table: Table | None, refcat: Table, psf_model: str = EMPIRICAL,
+                    detectors=None) -> list[dict]:
+    """`calibrate_scene` for the visit's CCDs, then what consolidateVisitSummary does with
+    their star tables (the visit's PSF size field: visit_psf.size_factors), then the PSF QA
+    of each ("psf": qa_psf.ccd_psf_qa). CCDs that calibrate refuses are left out."""
+    rows = [calibrate_scene(cfg, visit, d, stars, asteroids, galaxy_table, refcat, psf_model)
+            for d in (cfg.camera.detectors if detectors is None else detectors)]
+    rows = [r for r in rows if "error" not in r]
+    if psf_model == EMPIRICAL:
+        factors = size_factors({r["detector"]: r["stars"] for r in rows}, cfg.camera,
+                               {r["detector"]: float(r["image"].metadata["PSF_KSIZ"]) for r in rows})
+        for r in rows:
+            r["stars"]["psf_flux"] *= factors[r["detector"]]
+            r["stars"]["mag"] -= 2.5 * np.log10(factors[r["detector"]])
+    for r in rows:
+        r["psf"] = ccd_psf_qa(r["image"].psf, r["stars"], stars, galaxy_table, cfg.camera,
+                              r["detector"], r["truth"].get("psf_field", ""), visit.seeing,
+                              visit.band, visit.mjd)
+    return rows
 
 
 def wcs_at_stars(fitted: WCS, true_wcs: WCS, found: Table, stars: Table) -> float:
@@ -107,8 +108,8 @@ def wcs_at_stars(fitted: WCS, true_wcs: WCS, found: Table, stars: Table) -> floa
     return float(np.sqrt(np.mean(sep ** 2))) * 206264.806e3
 
 
-def probe(cfg: SurveyConfig, psf_model: str, n_visits: int = 6, detectors=(0, 4, 8)) -> Table:
-    """`calibrate_scene` for the first visit in each of the survey's bands (up to n_visits)."""
+def probe(cfg: SurveyConfig, psf_model: str, n_visits: int = 6) -> list[dict]:
+    """`calibrate_visit` for the first visit in each of the survey's bands (up to n_visits)."""
     stars, asteroids, galaxy_table = make_stars(cfg), make_asteroids(cfg), galaxies(cfg)
     refcat = make_refcat(cfg, stars)
     seen, rows = set(), []
@@ -116,32 +117,32 @@ def probe(cfg: SurveyConfig, psf_model: str, n_visits: int = 6, detectors=(0, 4,
         if visit.band in seen or len(seen) >= n_visits:
             continue
         seen.add(visit.band)
-        rows += [calibrate_scene(cfg, visit, d, stars, asteroids, galaxy_table, refcat, psf_model)
-                 for d in detectors]
-    return Table(rows=[r for r in rows if "error" not in r])
+        rows += [{k: v for k, v in r.items() if k not in ("image", "stars", "truth")} for r in
+                 calibrate_visit(cfg, visit, stars, asteroids, galaxy_table, refcat, psf_model)]
+    return rows
 
 
-def summary(rows: Table) -> list[dict]:
-    """Per band: mean and rms zeropoint error, mean reported error, worst WCS, median PSF
-    magnitude residual, gradient corner to corner, PSF model residuals at reserved stars."""
+def summary(rows: list[dict]) -> list[dict]:
+    """Per band: mean and rms zeropoint error, mean reported error, worst WCS, the PSF QA
+    (`band_psf_qa`: PSF magnitude residual, gradient, model vs truth, galaxies), the PSF
+    model's own residuals at reserved stars (data - model) and the aperture correction."""
+    psf = band_psf_qa([r["psf"] for r in rows])
     out = []
-    for band in sorted(set(rows["band"])):
-        r = rows[rows["band"] == band]
+    for band in sorted({r["band"] for r in rows}):
+        r = Table(rows=[{k: v for k, v in row.items() if k != "psf"}
+                        for row in rows if row["band"] == band])
+        p = psf[band]
         out.append({"band": band, "ccds": len(r),
                     "zp_mean_mmag": float(np.mean(r["zp_mmag"])),
                     "zp_rms_mmag": float(np.sqrt(np.mean(r["zp_mmag"] ** 2))),
                     "zp_reported_mmag": float(np.mean(r["zp_err_mmag"])),
                     "wcs_max_mas": float(np.max(r["wcs_mas"])),
-                    "psf_mag_median_mmag": float(np.nanmedian(r["psf_mag_mmag"])),
-                    "gradient_mmag": corner_to_corner(np.asarray(r["slope2"]),
-                                                      np.asarray(r["noise2"])),
+                    "psf_mag_median_mmag": p["psf_mag_mmag"], "gradient_mmag": p["gradient_mmag"],
                     "apcorr": float(np.nanmean(r["apcorr"])),
-                    "galaxies_in_psf_stars": float(r["n_galaxies"].sum()
-                                                   / max(r["n_psf_stars"].sum(), 1)),
+                    "galaxies_in_psf_stars": p["galaxy_fraction"],
                     "psf_size_rms": float(np.sqrt(np.nanmean(r["psf_size_rms"] ** 2))),
                     "psf_e_rms": float(np.sqrt(np.nanmean(r["psf_e_rms"] ** 2))),
-                    "psf_size_truth": float(np.sqrt(np.nanmean(r["psf_size_truth"] ** 2))),
-                    "psf_e_truth": float(np.sqrt(np.nanmean(r["psf_e_truth"] ** 2)))})
+                    "psf_size_truth": p["psf_size"], "psf_e_truth": p["psf_e"]})
     return out
 
 

@@ -33,13 +33,12 @@ from drp_flows.tasks.camera import (
     SATURATION_ADU,
     Camera,
 )
-from drp_flows.tasks.psf import MOFFAT_BETA, add_point_sources
+from drp_flows.tasks.psf import add_point_sources
 from drp_flows.tasks.skymap import MiniSkymap, tangent_wcs
 from drp_flows.validation.galsim_sky import (
     FAMILIES,
     PsfField,
     SceneDrawer,
-    aperture_fraction,
     local_jacobian,
     make_galaxies,
 )
@@ -444,25 +443,6 @@ def truth_zeropoint(cfg: SurveyConfig, visits: list[Visit], truth_rows: list[dic
         v = by_visit[row["visit"]]
         row["zp_true"] = (ZEROPOINT[v.band] + 2.5 * np.log10(EXPTIME) - v.extinction
                           - row["zp_offset"] + 2.5 * np.log10(med))
-
-
-def aperture_zeropoints(cfg: SurveyConfig, ccd: Table, visits: Table, radius_px: float) -> None:
-    """Add `zp_true_aperture` to truth rows: the true zeropoint on the scale the pipeline
-    calibrates (PSF fluxes corrected to a `radius_px` aperture), zp_true plus 2.5 log10 of the
-    true PSF's flux fraction inside that aperture. A real PSF's wings hold 0.5-2% of the flux
-    beyond a few arcseconds, which no single CCD measures; the calibration against the
-    reference catalogue absorbs them (as Rubin's calibFlux aperture does)."""
-    seeing = dict(zip(visits["visit"].tolist(), visits["seeing"].tolist(), strict=True))
-    cam = cfg.camera
-    fractions = []
-    for row in ccd:
-        if cfg.sky == "galsim":
-            fractions.append(aperture_fraction(PsfField.from_json(row["psf_field"]), cam,
-                                               int(row["detector"]), radius_px))
-        else:     # the Moffat's encircled energy
-            alpha = seeing[int(row["visit"])] / PIXEL_SCALE / (2 * np.sqrt(2 ** (1 / MOFFAT_BETA) - 1))
-            fractions.append(1 - (1 + radius_px ** 2 / alpha ** 2) ** (1 - MOFFAT_BETA))
-    ccd["zp_true_aperture"] = np.asarray(ccd["zp_true"]) + 2.5 * np.log10(fractions)
 
 
 def make_refcat(cfg: SurveyConfig, stars: Table) -> Table:
