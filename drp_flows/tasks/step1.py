@@ -4,8 +4,10 @@ isolated-star association per tract.
 The pipeline table (tasks/pipeline.py) says what each reads; the quantum functions run on
 Dask workers and see only URIs.
 ISR runs inside the calibrateImage quantum (as BPS clusters isr with calibrateImage), so the
-post-ISR image never goes through storage. The consolidation per visit also pools the
-detectors' PSF sizes into the visit's (finalizeCharacterization's role), when they agree.
+post-ISR image never goes through storage. The consolidation per visit plays
+finalizeCharacterization's role: with the empirical PSF it fits the visit's PSF size over the
+focal plane and moves every source's flux by its CCD model's size error (visit_psf.py); with
+the Moffat it pools the detectors' sizes into the visit's, when they agree.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def apply_visit_psf(summary: Table) -> None:
 
 
 def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, config: dict) -> None:
-    """Visit summary (one row per detector) and the visit's star table (runs on a worker)."""
+    """Visit summary (one row per detector) and the visit's star table, its fluxes moved by the
+    visit's PSF (runs on a worker)."""
     rows = []
     for uri in quantum.inputs["preliminary_visit_image"]:
         with reading(uri), storage.open(uri, "rb") as f:
