@@ -109,7 +109,7 @@ def test_psf_measured(calibrated, survey):
 def test_outputs_have_rubin_planes(calibrated):
     _, _, image, stars = calibrated[0]
     hdul = image.to_hdulist()
-    assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "MASK", "VARIANCE"]
+    assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "MASK", "VARIANCE", "PSF"]
     assert hdul["IMAGE"].header["CTYPE1"].startswith("RA---TAN")
     assert (hdul["MASK"].data & (1 << 5)).any()                 # DETECTED plane set
     assert {"ra", "dec", "psf_flux", "psf_flux_err", "mag"} <= set(stars.colnames)
