@@ -53,6 +53,11 @@ def add_point_sources(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.
                          minlength=image.size).reshape(image.shape)
 
 
+def measure_half(fwhm_px: float) -> int:
+    """The half-width of the stamp a PSF flux is measured in: 2 FWHM."""
+    return int(np.ceil(2 * fwhm_px))
+
+
 def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.ndarray,
              psf, variance: np.ndarray | None = None,
              simultaneous: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -72,9 +77,9 @@ def psf_flux(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: np.nda
     """
     variance = weight_var if variance is None else variance
     if hasattr(psf, "stamps"):      # a coadd's CoaddPsf, a visit image's PixelPsf
-        ix, iy, offs, prof = psf.stamps(x, y, int(np.ceil(2 * psf.size_px)))
+        ix, iy, offs, prof = psf.stamps(x, y, measure_half(psf.size_px))
     else:
-        ix, iy, offs, prof = moffat_stamps(x, y, psf, int(np.ceil(2 * psf)), unit_sum=False)
+        ix, iy, offs, prof = moffat_stamps(x, y, psf, measure_half(psf), unit_sum=False)
     flat, inside = stamp_indices(ix, iy, offs, image.shape)
     data, wvar, var = image.ravel()[flat], weight_var.ravel()[flat], variance.ravel()[flat]
     used = inside & (wvar > 0)

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from drp_flows.tasks.camera import PIXEL_SCALE, Camera
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
-from drp_flows.tasks.psf import moffat_stamps
+from drp_flows.tasks.psf import measure_half, moffat_stamps
 from drp_flows.tasks.psf_model import PixelPsf, moments
 from drp_flows.validation.galsim_sky import PsfField, focal_plane, true_psf_moments
 from drp_flows.validation.simulate import star_mags
@@ -51,18 +51,18 @@ def model_against_truth(psf: PixelPsf, x: np.ndarray, y: np.ndarray, camera: Cam
 
 def psf_flux_fraction(psf: PixelPsf, camera: Camera, detector: int, psf_field: str,
                       seeing: float) -> float:
-    """What the model's PSF flux measures of a star of total flux 1: the estimator (flat
-    weights, as in the sky-limited regime) applied to the true PSF (the galsim sky's, pixel
-    included; the Moffat sky's, sampled at pixel centres as drawn), averaged over a 3x3 grid
-    of the CCD. With it the true zeropoint of fluxes that are PSF-model fluxes times an
-    aperture correction A is zp_true + 2.5 log10(s A): a calibration is right when its
-    zeropoint and A together give total fluxes, whatever A's own error (the zeropoint, fitted
-    to the corrected fluxes, takes it)."""
+    """What the model's PSF flux measures of a star of total flux 1: psf.psf_flux's estimator
+    (its stamp, flat weights as in the sky-limited regime) applied to the true PSF (the galsim
+    sky's, pixel included; the Moffat sky's, sampled at pixel centres as drawn), averaged over
+    a 3x3 grid of the CCD. With it the true zeropoint of fluxes that are PSF-model fluxes
+    times an aperture correction A is zp_true + 2.5 log10(s A): a calibration is right when
+    its zeropoint and A together give total fluxes, whatever A's own error (the zeropoint,
+    fitted to the corrected fluxes, takes it)."""
     n = camera.ccd_size
-    grid = (np.arange(3) + 0.5) * n / 3
+    grid = np.round((np.arange(3) + 0.5) * n / 3)
     x, y = (a.ravel() for a in np.meshgrid(grid, grid))
-    model = psf.centred(x, y)
-    half = psf.half
+    half = measure_half(psf.size_px)
+    model = psf.stamps(x, y, half)[3]
     if psf_field:
         field = PsfField.from_json(psf_field)
         true = np.array([field.profile(*(float(v) for v in focal_plane(camera, detector, px, py)))
