@@ -4,13 +4,12 @@ extended, and a CCD is the same from the same seed."""
 import numpy as np
 import pytest
 
-from drp_flows.tasks.camera import Camera
+from drp_flows.tasks.camera import Camera, focal_plane
 from drp_flows.validation.galsim_sky import (
     BRIGHT_E,
     PsfField,
     SceneDrawer,
     faint_galaxy,
-    focal_plane,
     true_psf_moments,
 )
 from drp_flows.validation.qa_psf import band_psf_qa

@@ -220,8 +220,8 @@ def test_visit_psf_size_field_corrects_each_ccds_model_size_error():
     stars (noisy sizes, S/N 50-500) give every source the flux factor of its model's error,
     to < 0.1% on every CCD and a third of the error it corrects over the visit; a CCD with
     too few PSF stars is left alone."""
-    from drp_flows.tasks.camera import Camera
-    from drp_flows.tasks.visit_psf import focal_plane, size_factors
+    from drp_flows.tasks.camera import Camera, focal_plane
+    from drp_flows.tasks.visit_psf import size_factors
 
     rng = np.random.default_rng(2)
     cam = Camera(ccd_size=512)

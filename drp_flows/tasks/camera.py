@@ -135,3 +135,11 @@ class Camera:
         dx, dy = self.detector_offset(detector)
         r = np.hypot(x - (self.ccd_size - 1) / 2 + dx, y - (self.ccd_size - 1) / 2 + dy)
         return 1.0 - 0.076 * (r / self.field_radius_pixels) ** 4
+
+
+def focal_plane(camera: Camera, detector: int, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """Focal-plane position of CCD pixels in units of the raft's half-width (-1..1)."""
+    dx, dy = camera.detector_offset(detector)
+    half = 1.5 * camera.ccd_size + camera.gap_pixels
+    centre = (camera.ccd_size - 1) / 2
+    return (np.asarray(x) - centre + dx) / half, (np.asarray(y) - centre + dy) / half

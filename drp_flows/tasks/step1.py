@@ -31,7 +31,7 @@ from drp_flows.tasks.isolated_stars import associate
 from drp_flows.tasks.isr import check_raw, check_science_header, run_isr
 from drp_flows.tasks.psf import psf_flux_scale
 from drp_flows.tasks.skymap import SKYMAP_NAME, MiniSkymap
-from drp_flows.tasks.visit_psf import size_factors
+from drp_flows.tasks.visit_psf import correct_fluxes
 
 CALIBRATE = "calibrateImage"
 CONSOLIDATE = "consolidateVisitSummary"
@@ -138,16 +138,13 @@ def consolidate_visit(quantum: Quantum, storage: Storage, out: OutputWriter, con
     for uri in quantum.inputs.get("single_visit_star_unstandardized", []):
         t = read_table(storage, uri)
         tables[t.meta["detector"]] = t
-    size = {d: np.ones(len(t)) for d, t in tables.items()}
     if tables and all("psf_size" in t.colnames for t in tables.values()):
-        response = dict(zip(summary["detector"].tolist(), summary["psf_size_response"].tolist(),
-                            strict=True))
-        size = size_factors(tables, Camera(**config["camera"]), response)
+        correct_fluxes(tables, Camera(**config["camera"]),
+                       dict(zip(summary["detector"].tolist(), summary["psf_size_response"].tolist(),
+                                strict=True)))
     for d, t in tables.items():
         for column in ("psf_flux", "psf_flux_err"):
-            t[column] *= flux_scale[d] * size[d]
-        t["mag"] -= 2.5 * np.log10(size[d])
-        t["psf_size_factor"] = size[d]
+            t[column] *= flux_scale[d]
         t["visit"] = np.full(len(t), t.meta["visit"], dtype=np.int64)
         t["detector"] = np.full(len(t), t.meta["detector"], dtype=np.int32)
         t["band"] = t.meta["band"]

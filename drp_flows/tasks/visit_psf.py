@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from astropy.table import Table
 
-from drp_flows.tasks.camera import Camera
+from drp_flows.tasks.camera import Camera, focal_plane
 from drp_flows.tasks.psf_model import terms
 
 FIELD_DEGREE = 2            # the size field over the focal plane: a quadratic
@@ -26,14 +26,6 @@ SNR_CAP = 300.0             # a star's weight stops growing here (the moments' s
 MIN_STARS = 5               # per unknown of the visit's fit, and per CCD for its offset
 MAX_CHANGE = 0.02           # a model's size error beyond this is not one (a bad CCD): no correction
 CLIP_SIGMA = 4.0
-
-
-def focal_plane(camera: Camera, detector: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Focal-plane position of CCD pixels in units of the raft's half-width (-1..1)."""
-    dx, dy = camera.detector_offset(detector)
-    half = 1.5 * camera.ccd_size + camera.gap_pixels
-    centre = (camera.ccd_size - 1) / 2
-    return (np.asarray(x) - centre + dx) / half, (np.asarray(y) - centre + dy) / half
 
 
 def field_terms(fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
@@ -98,3 +90,15 @@ def size_factors(tables: dict[int, Table], camera: Camera, response: dict[int, f
         bias = 1 + response[d] * np.clip(error, -MAX_CHANGE, MAX_CHANGE)
         out[d] = np.mean(bias[i]) / bias
     return out
+
+
+def correct_fluxes(tables: dict[int, Table], camera: Camera, response: dict[int, float]) -> None:
+    """Apply `size_factors` to each detector's star table in place: PSF fluxes, their errors
+    and magnitudes (the zeropoint is unchanged: the factors average 1 over the PSF stars),
+    the factor kept as `psf_size_factor`."""
+    for d, factor in size_factors(tables, camera, response).items():
+        t = tables[d]
+        for column in ("psf_flux", "psf_flux_err"):
+            t[column] *= factor
+        t["mag"] -= 2.5 * np.log10(factor)
+        t["psf_size_factor"] = factor

@@ -34,7 +34,7 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from drp_flows.tasks.camera import BANDS, PIXEL_SCALE, Camera
+from drp_flows.tasks.camera import BANDS, PIXEL_SCALE, Camera, focal_plane
 from drp_flows.tasks.skymap import tangent_wcs
 
 DIAMETER_M, OBSCURATION = 8.36, 0.61
@@ -106,14 +106,6 @@ class PsfField:
 def stamp_half(flux: float) -> int:
     """A faint star's stamp half-width (pixels): its wings beyond are below the sky's noise."""
     return 12 if flux < 1e3 else 24
-
-
-def focal_plane(cam: Camera, detector: int, x, y) -> tuple[np.ndarray, np.ndarray]:
-    """Focal-plane position of CCD pixels, in units of the raft's half-width."""
-    dx, dy = cam.detector_offset(detector)
-    half = 1.5 * cam.ccd_size + cam.gap_pixels
-    centre = (cam.ccd_size - 1) / 2
-    return (np.asarray(x) - centre + dx) / half, (np.asarray(y) - centre + dy) / half
 
 
 def true_psf_moments(field: PsfField, cam: Camera, detector: int, x, y) -> Table:

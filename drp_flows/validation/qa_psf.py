@@ -21,11 +21,11 @@ from astropy.stats import sigma_clip
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from drp_flows.tasks.camera import PIXEL_SCALE, Camera
+from drp_flows.tasks.camera import PIXEL_SCALE, Camera, focal_plane
 from drp_flows.tasks.isolated_stars import chord, unit_vectors
 from drp_flows.tasks.psf import measure_half, moffat_stamps
 from drp_flows.tasks.psf_model import PixelPsf, moments
-from drp_flows.validation.galsim_sky import PsfField, focal_plane, true_psf_moments
+from drp_flows.validation.galsim_sky import PsfField, true_psf_moments
 from drp_flows.validation.simulate import star_mags
 
 BRIGHT_SNR = 100.0

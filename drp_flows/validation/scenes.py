@@ -24,7 +24,7 @@ from drp_flows.errors import DataError
 from drp_flows.tasks.calibrate import EMPIRICAL, PSF_MODELS, calibrate
 from drp_flows.tasks.isolated_stars import unit_vectors
 from drp_flows.tasks.isr import run_isr
-from drp_flows.tasks.visit_psf import size_factors
+from drp_flows.tasks.visit_psf import correct_fluxes
 from drp_flows.validation.qa import true_zeropoint
 from drp_flows.validation.qa_psf import BRIGHT_SNR, band_psf_qa, ccd_psf_qa, psf_flux_fraction
 from drp_flows.validation.simulate import (
@@ -85,11 +85,8 @@ def calibrate_visit(cfg: SurveyConfig, visit: Visit, stars: Table, asteroids: Ta
             for d in (cfg.camera.detectors if detectors is None else detectors)]
     rows = [r for r in rows if "error" not in r]
     if psf_model == EMPIRICAL:
-        factors = size_factors({r["detector"]: r["stars"] for r in rows}, cfg.camera,
-                               {r["detector"]: float(r["image"].metadata["PSF_KSIZ"]) for r in rows})
-        for r in rows:
-            r["stars"]["psf_flux"] *= factors[r["detector"]]
-            r["stars"]["mag"] -= 2.5 * np.log10(factors[r["detector"]])
+        correct_fluxes({r["detector"]: r["stars"] for r in rows}, cfg.camera,
+                       {r["detector"]: float(r["image"].metadata["PSF_KSIZ"]) for r in rows})
     for r in rows:
         r["psf"] = ccd_psf_qa(r["image"].psf, r["stars"], stars, galaxy_table, cfg.camera,
                               r["detector"], r["truth"].get("psf_field", ""), visit.seeing,
