@@ -69,11 +69,11 @@ def test_galaxies_are_extended_and_keep_their_flux():
     star = np.zeros((64, 64))
     drawer = SceneDrawer(field(), Camera(ccd_size=64), 4, star)
     drawer.add_stars(np.array([32.0]), np.array([32.0]), np.array([1e4]))
-    gal = faint_galaxy(1e3, 0.6, 0.3, 0.0, jac, drawer._node(32, 32)[2])
+    gal = faint_galaxy(1e3, 0.6, 0.3, 0.0, jac, drawer._placed(32, 32)[0][3])
     image = gal.drawImage(nx=64, ny=64, scale=1.0, method="no_pixel")
     assert image.array.sum() == pytest.approx(1e3, rel=0.01)
     shape = image.FindAdaptiveMom()
-    assert shape.moments_sigma > 1.5 * drawer._node(32, 32)[2]
+    assert shape.moments_sigma > 1.5 * drawer._placed(32, 32)[0][3]
     assert shape.observed_shape.e1 > 0.2
 
 

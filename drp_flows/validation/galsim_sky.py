@@ -16,7 +16,7 @@ local WCS Jacobian of its position, convolved with the PSF there.
 Speed (SCIENCE.md): stars brighter than BRIGHT_E electrons are drawn with their own exact PSF by
 FFT (~1 ms each) in a stamp wide enough to hold all but ~0.1-0.3% of the flux; fainter stars
 use the PSF of the nearest of NODES x NODES points of the CCD, pre-drawn (pixel included) as an
-interpolated image, dilated and sheared to the star's position (`SceneDrawer._moved`), ~0.1 ms
+interpolated image, dilated and sheared to the star's position (`SceneDrawer._placed`), ~0.1 ms
 a star. Galaxies brighter than GALAXY_EXACT_E are convolved with
 that node's PSF by FFT (~5 ms each: a de Vaucouleurs cusp and an Airy need large FFTs); the
 fainter nine in ten, below any S/N that matters, are drawn as the Gaussian of the same size
@@ -191,11 +191,10 @@ class SceneDrawer:
         fx, fy = focal_plane(self.cam, self.detector, x, y)
         return self.field.profile(float(fx), float(fy))
 
-    def _node(self, x: float, y: float) -> tuple[galsim.GSObject, galsim.InterpolatedImage, float]:
-        """The nearest node's PSF; it with the pixel as an interpolated image, moved to (x, y)
-        (`_moved`); and that one's Gaussian-equivalent sigma (pixels)."""
-        key = tuple(int(np.clip(np.round((v + 0.5) * NODES / self.cam.ccd_size - 0.5), 0,
-                                         NODES - 1)) for v in (x, y))
+    def _node(self, key: tuple[int, int]) -> tuple:
+        """Node `key`'s PSF; it with the pixel as an interpolated image; that one's Gaussian-
+        equivalent sigma (pixels); and the atmosphere there with its share of the PSF's second
+        moments (fwhm, g1, g2, share). Drawn once per CCD."""
         if key not in self._nodes:
             xy = tuple(float(self.node_xy[k]) for k in key)
             psf = self._at(*xy)
@@ -210,23 +209,27 @@ class SceneDrawer:
             share = (atmosphere.FindAdaptiveMom().moments_sigma * 0.25 / sigma) ** 2
             self._nodes[key] = (psf, galsim.InterpolatedImage(with_pixel, gsparams=GSPARAMS),
                                 sigma, (fwhm, g1, g2, share))
-        psf, image, sigma, atmosphere = self._nodes[key]
-        moved, scale = self._moved(image, atmosphere, x, y)
-        return psf, moved, sigma * scale
+        return self._nodes[key]
 
-    def _moved(self, image: galsim.GSObject, node_atmosphere: tuple, x: float, y: float):
-        """A node's PSF image dilated and sheared by the atmosphere's change from the node to
-        (x, y), each scaled by the atmosphere's share of the PSF's second moments (the Airy,
-        diffusion and pixel do not change): the PSF of every faint star then changes smoothly
-        over the CCD, as the true one does, to first order in a change of < 1% within a
-        node's cell. (The nearest node's PSF alone was a staircase of three steps, which a
-        smooth model fits with 8/9 of the true gradient: a few mmag corner to corner.)
-        Returns the moved image and its size over the node's."""
-        fwhm0, g10, g20, share = node_atmosphere
-        fwhm, g1, g2 = (float(v) for v in self.field.atmosphere(*focal_plane(
-            self.cam, self.detector, x, y)))
-        scale = float(np.sqrt(1 + share * ((fwhm / fwhm0) ** 2 - 1)))
-        return image.dilate(scale).shear(g1=share * (g1 - g10), g2=share * (g2 - g20)), scale
+    def _placed(self, x: np.ndarray, y: np.ndarray) -> list[tuple]:
+        """For each position, its nearest node's PSF (`_node`) and how to move that node's
+        image there: the image dilated and sheared by the atmosphere's change from the node to
+        the position, each scaled by the atmosphere's share of the PSF's second moments (the
+        Airy, diffusion and pixel do not change). The PSF of every faint object then changes
+        smoothly over the CCD, as the true one does, to first order in a change of < 1%
+        within a node's cell. (The nearest node's PSF alone was a staircase of three steps,
+        which a smooth model fits with 8/9 of the true gradient: a few mmag corner to
+        corner.) Rows: (psf, image, (dilation, g1, g2)), moved image's sigma)."""
+        x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+        keys = np.clip(np.round((np.column_stack([x, y]) + 0.5) * NODES / self.cam.ccd_size
+                                - 0.5), 0, NODES - 1).astype(int)
+        fwhm, g1, g2 = self.field.atmosphere(*focal_plane(self.cam, self.detector, x, y))
+        rows = []
+        for key, f, a, b in zip(keys, fwhm, g1, g2, strict=True):
+            psf, image, sigma, (fwhm0, g10, g20, share) = self._node((int(key[0]), int(key[1])))
+            scale = float(np.sqrt(1 + share * ((f / fwhm0) ** 2 - 1)))
+            rows.append((psf, image, (scale, share * (a - g10), share * (b - g20)), sigma * scale))
+        return rows
 
     def _add(self, obj: galsim.GSObject, x: float, y: float, half: int, method: str) -> None:
         ix, iy = int(np.round(x)), int(np.round(y))
@@ -240,25 +243,26 @@ class SceneDrawer:
 
     def add_stars(self, x: np.ndarray, y: np.ndarray, flux: np.ndarray) -> None:
         """Point sources of total `flux` electrons."""
-        for px, py, f in zip(x, y, flux, strict=True):
-            if f >= BRIGHT_E:
-                self._add(self._at(px, py).withFlux(f), px, py, STAMP_BRIGHT, "auto")
-            else:
-                # scaled, not withFlux: the node image holds the PSF out to its edge, 0.4-0.8%
-                # short of its total; withFlux put that into the core (+4-8 mmag a faint star)
-                self._add(self._node(px, py)[1].withScaledFlux(f), px, py, stamp_half(f),
-                          "no_pixel")
+        bright = flux >= BRIGHT_E
+        for px, py, f in zip(x[bright], y[bright], flux[bright], strict=True):
+            self._add(self._at(px, py).withFlux(f), px, py, STAMP_BRIGHT, "auto")
+        faint = ~bright
+        for px, py, f, (_, image, (scale, g1, g2), _) in zip(
+                x[faint], y[faint], flux[faint], self._placed(x[faint], y[faint]), strict=True):
+            # scaled, not withFlux: the node image holds the PSF out to its edge, 0.4-0.8%
+            # short of its total; withFlux put that into the core (+4-8 mmag a faint star)
+            self._add(image.dilate(scale).shear(g1=g1, g2=g2).withScaledFlux(f), px, py,
+                      stamp_half(f), "no_pixel")
 
     def add_galaxies(self, galaxies: Table, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
                      jacobian: np.ndarray) -> None:
         """Bulge + disk galaxies of total `flux` electrons, each through its local Jacobian."""
         columns = [np.asarray(galaxies[c], float) for c in ("bulge_fraction", "bulge_hlr",
                                                             "disk_hlr", "g1", "g2")]
-        for px, py, f, jac, bf, bulge, disk, g1, g2 in zip(x, y, flux, jacobian, *columns,
-                                                            strict=True):
+        for px, py, f, jac, bf, bulge, disk, g1, g2, (psf, _, _, psf_sigma) in zip(
+                x, y, flux, jacobian, *columns, self._placed(x, y), strict=True):
             to_pixels = galsim.JacobianWCS(*jac.ravel())
             half = int(min(GALAXY_STAMP_HLR * disk / PIXEL_SCALE, 40)) + 8
-            psf = self._node(px, py)[0]
             if f >= GALAXY_EXACT_E:
                 sky = galsim.Add([galsim.DeVaucouleurs(half_light_radius=bulge, flux=bf),
                                   galsim.Exponential(half_light_radius=disk, flux=1 - bf)])
@@ -266,5 +270,5 @@ class SceneDrawer:
                                       gsparams=GALAXY_GSPARAMS)
                 self._add(obj.withFlux(f), px, py, half, "auto")
             else:
-                self._add(faint_galaxy(f, bf * bulge + (1 - bf) * disk, g1, g2, jac,
-                                       self._node(px, py)[2]), px, py, min(half, 16), "no_pixel")
+                self._add(faint_galaxy(f, bf * bulge + (1 - bf) * disk, g1, g2, jac, psf_sigma),
+                          px, py, min(half, 16), "no_pixel")
