@@ -19,6 +19,14 @@ def test_local_sites_load(tmp_path):
     assert owned == {"usdf": [0, 1], "frdf": [2, 3], "ukdf": [4, 5]}
 
 
+def test_the_pipeline_settings_are_the_campaigns(tmp_path):
+    """One pipeline for every site: the site file's `pipeline` section (default: the Moffat)."""
+    path = tmp_path / "sites.yaml"
+    path.write_text(LOCAL_SITES.read_text() + "pipeline: {psf_model: empirical}\n")
+    assert load_sites(path, DRP_DATA=str(tmp_path)).pipeline.psf_model == "empirical"
+    assert load_sites(LOCAL_SITES, DRP_DATA=str(tmp_path)).pipeline.psf_model == "moffat"
+
+
 def test_a_site_file_is_parsed_once_while_its_text_stays(tmp_path):
     """Every flow and task loads the site file by path: one parse per process, and a changed
     file or variable is read afresh."""
@@ -88,6 +96,8 @@ GOOD_SITE = "cluster: {kind: local}\n    storage: file:///tmp/x"
      "a cluster needs at least one job"),
     (f"campaign_site: a\nsites:\n  a:\n    {GOOD_SITE}\n    embargo: 'yes'\n",
      "sites.a.embargo: Input should be a valid boolean"),
+    (f"campaign_site: a\npipeline: {{psf_model: piff}}\nsites:\n  a:\n    {GOOD_SITE}\n",
+     "pipeline.psf_model: Input should be 'moffat' or 'empirical'"),
     ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: slurm, queue: roma, wallclock: '1:00:00'}"
      "\n    storage: file:///x\n", "unknown key(s) wallclock for a 'slurm' cluster"),
     ("campaign_site: a\nsites:\n  a:\n    cluster: {kind: local, thread_per_worker: 2}"

@@ -187,9 +187,11 @@ def stage_flow(site_file: str, site: str, campaign: str, stage: str, scope: str,
     so do quanta that need more memory than the short pool's workers have. `memory` is the
     first memory request per label, in bytes (default: the pipeline table's)."""
     logger = get_run_logger()
-    site_cfg = load_sites(site_file)[site]
+    sites = load_sites(site_file)
+    site_cfg = sites[site]
     butler = open_butler(site_cfg, writeable=True)
-    config = {"camera": step1.camera_config(butler), "skymap": step1.skymap_config(butler)}
+    config = {"camera": step1.camera_config(butler), "skymap": step1.skymap_config(butler),
+              **sites.pipeline.model_dump()}
     done_in = [campaign_collection(campaign)]
     progress = [StepProgress(site, label, group, stage, attempt=attempt)
                 for label in STAGES[stage][scope]]

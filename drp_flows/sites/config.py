@@ -280,6 +280,16 @@ class EmbargoConfig(BaseModel):
                 if self.covers(r.timespan.begin)}
 
 
+class PipelineConfig(BaseModel):
+    """The science settings every site's quanta run with (Rubin's pipeline config
+    overrides): one campaign, one pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+    psf_model: Literal["moffat", "empirical"] = Field(
+        "moffat", description="step 1's PSF: the CCD's Moffat, or the empirical model that "
+        "varies over the CCD (tasks/psf_model.py)")
+
+
 class CampaignSites(BaseModel):
     """A site file: the sites and which one runs the global steps and keeps the archive."""
 
@@ -287,6 +297,7 @@ class CampaignSites(BaseModel):
     campaign_site: str
     sites: dict[str, SiteConfig]
     embargo: EmbargoConfig | None = None
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     source: str = ""
 
     @model_validator(mode="after")

@@ -89,8 +89,7 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
                        _calib_image(storage, quantum.inputs["flat"]))
     image, stars = calibrate(post_isr, _refcat(storage, tuple(quantum.inputs["refcat"])),
                              band, sip_degree=config.get("sip_degree", 2),
-                             # the campaign keeps the Moffat until its QA passes on both skies
-                             # with the empirical model (issue 21: the u band, note of stop 32)
+                             # the site file's pipeline.psf_model (sites/config.py)
                              psf_model=config.get("psf_model", MOFFAT))
     image.metadata["VISIT"] = quantum.data_id["visit"]
     out.write("preliminary_visit_image", image.to_bytes())
