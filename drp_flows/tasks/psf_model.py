@@ -2,7 +2,7 @@
 PSF of FWHM >= 3.5 px is sampled finely enough), plus how that image changes as it grows and
 shears, each change a polynomial of the position of degree <= 2 (the fewest terms the stars
 ask for), fitted to bright stars selected by size and shape, checked on reserved ones. Stars
-are registered with a 7-tap Lanczos-3 shift. A free polynomial per pixel (PSFEx's basis,
+are registered with a Fourier (sinc) shift. A free polynomial per pixel (PSFEx's basis,
 Piff's PixelGrid) fitted the stars' noise: 1% flux errors at the corners of a CCD whose PSF
 was constant. Piff itself (Rubin's) is not used: its fits iterate in Python over the stars
 (not measured here); this is a few vectorised least squares, ~0.3 s a 1k CCD.
@@ -36,6 +36,7 @@ MIN_STARS = {2: 30, 1: 12, 0: 3}   # polynomial degree -> stars needed to fit it
 MIN_FIT_STARS = 15        # fewer, and the CCD keeps its Moffat: a mean image of a few noisy
                           # stars fits their noise (u CCDs of 384 px: zeropoints 10-80 mmag off)
 LANCZOS = 3
+FOURIER_PAD = 4           # pixels of zeros about a stamp before it is shifted
 SHAPE_BASIS = ("size", "g1", "g2")   # what varies over a CCD (shape_basis)
 NEIGHBOUR_FWHM = 1.5      # a PSF star's pixels this close (FWHMs) to another detection are left out
 
@@ -50,7 +51,24 @@ def lanczos_weights(shift: np.ndarray) -> np.ndarray:
 
 
 def shift_stamps(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Stamps [n, s, s] with their content moved by (dx, dy) pixels, Lanczos-3, zero beyond."""
+    """Stamps [n, s, s] of light (stars, models) with their content moved by (dx, dy)
+    pixels: a phase ramp on the Fourier transform (sinc interpolation, exact for a PSF
+    sampled as ours are; the stamps zero-padded by FOURIER_PAD against wrap-around). A
+    Lanczos-3 shift made a PSF of sigma 2 px 0.35% smaller at half a pixel: the models,
+    registered one way and evaluated the other, were 0.3-0.45% small against the truth in
+    0.8" seeing (z, u), 0.1% in 1.2"."""
+    n, s, _ = stamps.shape
+    pad = np.pad(stamps, ((0, 0), (FOURIER_PAD, FOURIER_PAD), (FOURIER_PAD, FOURIER_PAD)))
+    k = np.fft.fftfreq(s + 2 * FOURIER_PAD)
+    ramp = np.exp(-2j * np.pi * (np.asarray(dx, float)[:, None, None] * k[None, None, :]
+                                 + np.asarray(dy, float)[:, None, None] * k[None, :, None]))
+    moved = np.fft.ifft2(np.fft.fft2(pad) * ramp).real
+    return moved[:, FOURIER_PAD:FOURIER_PAD + s, FOURIER_PAD:FOURIER_PAD + s]
+
+
+def shift_weights(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Stamps [n, s, s] of weights (variances, masks) moved by (dx, dy) pixels, Lanczos-3,
+    zero beyond: its three taps keep a mask's edge where it was, without the sinc's ringing."""
     n, s, _ = stamps.shape
     pad = np.pad(stamps, ((0, 0), (LANCZOS, LANCZOS), (LANCZOS, LANCZOS)))
     wx, wy = lanczos_weights(dx), lanczos_weights(dy)
@@ -235,8 +253,8 @@ def fit_pixel_psf(image: np.ndarray, weight_var: np.ndarray, x: np.ndarray, y: n
     ix, iy = np.round(x[fit_idx]).astype(int), np.round(y[fit_idx]).astype(int)
     fx, fy = x[fit_idx] - ix, y[fit_idx] - iy
     registered = shift_stamps(cutouts(image, ix, iy, half), -fx, -fy)
-    var = shift_stamps(cutouts(weight_var, ix, iy, half), -fx, -fy)
-    usable = shift_stamps(neighbour_free(x, y, fit_idx, half, NEIGHBOUR_FWHM * fwhm_px),
+    var = shift_weights(cutouts(weight_var, ix, iy, half), -fx, -fy)
+    usable = shift_weights(neighbour_free(x, y, fit_idx, half, NEIGHBOUR_FWHM * fwhm_px),
                           -fx, -fy) > 0.99
     t = terms(x[fit_idx], y[fit_idx], degree, ccd_size)[:, 1:]     # the variation's terms
     f = np.asarray(flux[fit_idx], float)
