@@ -265,3 +265,24 @@ def test_visit_psf_size_field_corrects_each_ccds_model_size_error():
     was = np.array([np.std(expected[d]) for d in range(8)])
     assert (left < 1e-3).all(), left
     assert np.sqrt(np.mean(left ** 2)) < np.sqrt(np.mean(was ** 2)) / 3, (left, was)
+
+
+@pytest.mark.parametrize("true_change", [0.0, 6.0])
+def test_the_gradient_qa_sees_a_change_and_not_the_noise_of_sparse_ccds(true_change):
+    """validation/qa_psf's corner-to-corner change of the magnitude residual over 60 CCDs of
+    a band, a third with 10-12 bright stars at 15 mmag (u-like) and the rest with 150 at 5:
+    within 1.5 mmag of the true change (none, or 6 mmag along x), where equal weights gave
+    up to 15 mmag of noise."""
+    from drp_flows.validation.qa_psf import corner_to_corner, residual_plane
+
+    rng = np.random.default_rng(11)
+    slope2, noise2, n = [], [], []
+    for k in range(60):
+        count, sigma = (int(rng.integers(10, 13)), 15.0) if k % 3 == 0 else (150, 5.0)
+        x, y = rng.uniform(0, 1023, count), rng.uniform(0, 1023, count)
+        # a change of true_change from corner to corner, along x
+        resid = true_change / np.sqrt(2) * x / 1023 + rng.normal(0, sigma, count)
+        s, v = residual_plane(x, y, resid, 1024)
+        slope2.append(s), noise2.append(v), n.append(count)
+    measured = corner_to_corner(np.array(slope2), np.array(noise2), np.array(n))
+    assert measured == pytest.approx(true_change, abs=1.5)
