@@ -17,7 +17,7 @@ from drp_flows.engine.executor import Executor
 from drp_flows.engine.register import register_outputs
 from drp_flows.sites.butler import open_butler
 from drp_flows.sites.clusters import executor_pool, make_cluster, running_cluster
-from drp_flows.sites.config import ClusterConfig, load_sites
+from drp_flows.sites.config import ClusterConfig, PipelineConfig, load_sites
 from drp_flows.tasks import step1
 from drp_flows.tasks.camera import INSTRUMENT
 from drp_flows.tasks.pipeline import LABELS
@@ -41,8 +41,8 @@ def test_slurm_site_runs_a_step1_batch(slurm, three_sites, tmp_path):
         assert job_ids and all(job_ids.values()), job_ids     # workers are Slurm jobs
         resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
         assert resources == [{"MEMORY": 10**9}], resources      # what quanta ask for
-        results = executor.run(step1.calibrate_image, site.store,
-                               {"camera": step1.camera_config(butler)}, quanta, "slurm",
+        config = {"camera": step1.camera_config(butler), **PipelineConfig().model_dump()}
+        results = executor.run(step1.calibrate_image, site.store, config, quanta, "slurm",
                                memory=5 * 10**8)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     reg = register_outputs(butler, site.store, results, run)

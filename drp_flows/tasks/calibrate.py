@@ -309,14 +309,15 @@ def calibrate(exp: Exposure, refcat: Table, band: str, sip_degree: int = 2,
         raise CalibrationError(f"only {use.sum()} reference stars bright enough for the zeropoint")
     # and, where enough are, bright enough that the background's own error moves their flux
     # by less than CROWDING_FLUX_LIMIT (`background_crowding`)
-    safe = use & (10 ** (-0.4 * (ref_mag - zp0)) * CROWDING_FLUX_LIMIT > nea * crowding)
+    ref_flux = 10 ** (-0.4 * (ref_mag - zp0))
+    safe = use & (ref_flux * CROWDING_FLUX_LIMIT > nea * crowding)
     if safe.sum() >= MIN_SAFE_ZP_STARS:
         use = safe
     ref_err = np.asarray(phot_ref[f"{band}_magErr"])[use]
     zp, zp_err, n_zp = weighted_zeropoint(zp_points[use], ref_mag[use], ref_err, zp0,
                                           nea * sky_noise ** 2)
     # its error holds the background's: the zeropoint again with every flux moved by it
-    moved = zp_points[use] + 1.0857 * nea * crowding / 10 ** (-0.4 * (ref_mag[use] - zp0))
+    moved = zp_points[use] + 1.0857 * nea * crowding / ref_flux[use]
     zp_err = float(np.hypot(zp_err, weighted_zeropoint(moved, ref_mag[use], ref_err, zp0,
                                                        nea * sky_noise ** 2)[0] - zp))
     # not the aperture correction's error: every flux shares it and the zeropoint, fitted to
@@ -452,6 +453,12 @@ def aperture_correction(flux: np.ndarray, flux_err: np.ndarray, ap: np.ndarray,
     return mean, float(np.sqrt(max(chi2_dof, 1.0) / np.sum(w)))
 
 
+def blank_sky(detected: np.ndarray, fwhm: float) -> np.ndarray:
+    """Pixels 2 FWHM or more from every detected pixel (the wings of bright stars widen the
+    footprints' reach): the sky a background or a noise level is measured on."""
+    return ~maximum_filter(detected, size=int(4 * fwhm) | 1)
+
+
 def background_crowding(image: np.ndarray, bad: np.ndarray, footprints: np.ndarray,
                         fwhm: float) -> float:
     """How uncertain the background under a star is (e- per pixel): the median of the blank
@@ -462,7 +469,7 @@ def background_crowding(image: np.ndarray, bad: np.ndarray, footprints: np.ndarr
     +25 mmag faint against the first and -34 mmag bright against the second, bright stars
     within 1 mmag of both; the two differ by 0.3-0.45% of the sky in r, 0 if no sky is
     blank. (In u, whose 29 e- sky is far from Gaussian, the first is 1-3% low.)"""
-    blank = ~bad & ~maximum_filter(footprints, size=int(4 * fwhm) | 1)
+    blank = ~bad & blank_sky(footprints, fwhm)
     if blank.sum() < 0.01 * blank.size:      # no blank sky to compare with: no term
         return 0.0
     return float(abs(np.median(image[blank])))

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import sep
 from astropy.table import Table, vstack
-from scipy.ndimage import maximum_filter
 from scipy.spatial import cKDTree
 
 from drp_flows.errors import DataError
 from drp_flows.tasks.calibrate import (
     DETECTION_SIGMA,
     CalibrationError,
+    blank_sky,
     centroids,
     detect,
     measure_fwhm,
@@ -78,8 +78,7 @@ def prepare(band: str, coadd: Exposure, fwhm_guess_px: float = 5.0) -> BandCoadd
         objs, _ = detect(image, variance, ~covered, fwhm, thresh=10.0)
         fwhm = measure_fwhm(image, variance, objs, fwhm)[0]
     # blank sky: away from everything above threshold (the wings of bright stars widen it)
-    blank = covered & ~maximum_filter(significance(image, variance, fwhm) > DETECTION_SIGMA,
-                                      size=int(4 * fwhm) | 1)
+    blank = covered & blank_sky(significance(image, variance, fwhm) > DETECTION_SIGMA, fwhm)
     if blank.sum() < 100:
         raise CalibrationError(f"{band}-band coadd has no blank sky to measure its noise on")
     image = np.ascontiguousarray(image - sep.Background(image, mask=~blank, bw=128, bh=128).back())

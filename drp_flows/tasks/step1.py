@@ -23,7 +23,7 @@ from drp_flows.datamodel import CALIB_COLLECTION, SKYMAP_RUN
 from drp_flows.engine.quanta import OutputWriter, Quantum, reading
 from drp_flows.errors import DataError
 from drp_flows.sites.storage import Storage
-from drp_flows.tasks.calibrate import MOFFAT, calibrate, visit_psf_fwhm
+from drp_flows.tasks.calibrate import calibrate, visit_psf_fwhm
 from drp_flows.tasks.camera import INSTRUMENT, PIXEL_SCALE, Camera
 from drp_flows.tasks.catalogs import read_table, table_bytes
 from drp_flows.tasks.images import read_fits
@@ -90,7 +90,7 @@ def calibrate_image(quantum: Quantum, storage: Storage, out: OutputWriter, confi
     image, stars = calibrate(post_isr, _refcat(storage, tuple(quantum.inputs["refcat"])),
                              band, sip_degree=config.get("sip_degree", 2),
                              # the site file's pipeline.psf_model (sites/config.py)
-                             psf_model=config.get("psf_model", MOFFAT))
+                             psf_model=config["psf_model"])
     image.metadata["VISIT"] = quantum.data_id["visit"]
     out.write("preliminary_visit_image", image.to_bytes())
     stars.meta = {"visit": quantum.data_id["visit"], "detector": detector,

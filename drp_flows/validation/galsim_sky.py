@@ -219,7 +219,7 @@ class SceneDrawer:
         smoothly over the CCD, as the true one does, to first order in a change of < 1%
         within a node's cell. (The nearest node's PSF alone was a staircase of three steps,
         which a smooth model fits with 8/9 of the true gradient: a few mmag corner to
-        corner.) Rows: (psf, image, (dilation, g1, g2)), moved image's sigma)."""
+        corner.) Rows: (psf, image, (dilation, g1, g2), the moved image's sigma)."""
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         keys = np.clip(np.round((np.column_stack([x, y]) + 0.5) * NODES / self.cam.ccd_size
                                 - 0.5), 0, NODES - 1).astype(int)
