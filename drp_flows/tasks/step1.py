@@ -38,7 +38,7 @@ CONSOLIDATE = "consolidateVisitSummary"
 ASSOCIATE = "isolatedStarAssociation"
 SUMMARY_KEYS = {"ZP": "zero_point", "ZP_ERR": "zero_point_err", "ZP_NSTAR": "zero_point_nstar",
                 "PSF_FWHM": "psf_fwhm", "FWHM_ERR": "psf_fwhm_err", "SKYBG": "sky_bg",
-                "SKYNOISE": "sky_noise", "M5": "m5",
+                "SKYNOISE": "sky_noise", "BKG_ERR": "background_err", "NEA": "nea", "M5": "m5",
                 "NSOURCE": "n_source", "WCS_RMS": "astrom_rms_mas", "WCS_NREF": "astrom_nref",
                 "APCORR": "ap_corr", "APRADIUS": "ap_radius", "PSF_KSIZ": "psf_size_response"}
 
