@@ -12,7 +12,7 @@ from drp_flows.tasks.calibrate import (
     calibrate,
     visit_psf_fwhm,
 )
-from drp_flows.tasks.camera import PHYSICAL_FILTERS
+from drp_flows.tasks.camera import PHYSICAL_FILTERS, PIXEL_SCALE
 from drp_flows.tasks.isr import run_isr
 from drp_flows.tasks.psf import add_point_sources, fit_fwhm, psf_flux, psf_flux_scale
 from drp_flows.tasks.skymap import header_wcs
@@ -76,13 +76,12 @@ def test_isr_removes_bias_and_gain(calibrated):
 
 def test_zeropoint_against_truth(calibrated, survey):
     """On the scale of the fluxes: PSF-model fluxes times the aperture correction."""
-    from drp_flows.validation.qa import true_zeropoint
-    from drp_flows.validation.qa_psf import psf_flux_fraction
+    from drp_flows.validation.qa import ccd_flux_fraction, true_zeropoint
 
     cfg, visits = load_survey(survey)
     seeing = dict(zip(visits["visit"], visits["seeing"], strict=True))
-    err = np.array([(im.metadata["ZP"] - true_zeropoint(row, psf_flux_fraction(
-        im.psf, cfg.camera, int(row["detector"]), "", seeing[row["visit"]]), im.metadata["APCORR"]))
+    err = np.array([(im.metadata["ZP"] - true_zeropoint(row, ccd_flux_fraction(
+        im.psf, im.metadata, cfg.camera, int(row["detector"]), "", seeing[row["visit"]])))
         * 1000 for row, _, im, _ in calibrated])
     assert np.sqrt(np.mean(err ** 2)) <= 10.0, err
 
@@ -157,6 +156,22 @@ def test_psf_flux_of_a_mis_sized_model_is_rescaled_to_the_total():
     flux, _ = psf_flux(img, np.ones_like(img), x, y, 4.16)
     assert np.all(np.abs(flux / 1e5 - 1.04) < 0.01)
     assert np.all(np.abs(flux * psf_flux_scale(4.16, 4.0) / 1e5 - 1) < 5e-4)
+
+
+def test_the_true_zeropoint_of_moffat_fluxes_follows_the_fwhm_they_were_measured_with(survey):
+    """The QA's truth on the scale of a CCD's fluxes, for the Moffat PSF: a visit's FWHM 0.3%
+    too wide measures 0.3% more than a star's total, and the zeropoint that calibrates such
+    fluxes right is 3 mmag above the total-flux one (the report had counted it as an error)."""
+    from drp_flows.validation.qa import ccd_flux_fraction
+
+    img = np.zeros((300, 300))
+    x, y = np.array([60.3, 150.0, 240.7]), np.array([70.2, 160.5, 230.1])
+    add_point_sources(img, x, y, np.full(3, 1e5), 4.0)      # 0.8" seeing, as the sky draws it
+    flux, _ = psf_flux(img, np.ones_like(img), x, y, 4.0 * 1.003)
+    fraction = ccd_flux_fraction(None, {"PSF_FWHM": 4.0 * 1.003 * PIXEL_SCALE},
+                                 load_survey(survey)[0].camera, 0, "", 4.0 * PIXEL_SCALE)
+    assert fraction == pytest.approx(1.003, abs=0.001)
+    assert np.all(np.abs(flux / 1e5 / fraction - 1) < 5e-4)
 
 
 def test_visit_psf_pools_detectors_that_agree():

@@ -260,7 +260,7 @@ def qa_task(site_file: str, campaign: str, survey: str) -> tuple[list[dict], str
     home = sites[sites.campaign_site]
     step4 = step4_qa(butlers, collection, Path(survey))
     step1 = step1_qa(butlers, collection, Path(survey))
-    sections = [step1, step2_qa(open_butler(home), collection, Path(survey), step1.psf_fraction),
+    sections = [step1, step2_qa(open_butler(home), collection, Path(survey), step1.flux_fraction),
                 step3_qa(open_butler(home), collection, Path(survey)),
                 object_qa(open_butler(home), butlers, collection, Path(survey)),
                 step4, step5_qa(open_butler(home), collection, Path(survey), step4.epochs),

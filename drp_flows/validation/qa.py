@@ -60,7 +60,7 @@ class Step1QA:
     completeness: dict = field(default_factory=dict)
     am1: dict = field(default_factory=dict)
     psf: dict = field(default_factory=dict)     # band -> qa_psf.band_psf_qa's figures
-    psf_fraction: dict = field(default_factory=dict)   # (visit, detector) -> psf_flux_fraction
+    flux_fraction: dict = field(default_factory=dict)   # (visit, detector) -> ccd_flux_fraction
 
     def checks(self) -> list[dict]:
         return [
@@ -157,16 +157,27 @@ def _truth(survey: Path):
     return {(int(r["visit"]), int(r["detector"])): r for r in ccd}, visits, stars
 
 
-def true_zeropoint(truth_row, psf_fraction: float | None, apcorr: float) -> float:
-    """The true zeropoint on the scale of the CCD's fluxes: total flux (the Moffat's PSF
-    fluxes: `psf_fraction` None), or PSF-model fluxes times the aperture correction `apcorr`,
-    of which the model measures `psf_fraction` (qa_psf.psf_flux_fraction) of a star's total."""
-    zp = float(truth_row["zp_true"])
-    return zp if psf_fraction is None else zp + 2.5 * float(np.log10(psf_fraction * apcorr))
+def true_zeropoint(truth_row, flux_fraction: float) -> float:
+    """The true zeropoint on the scale of the CCD's fluxes, which measure `flux_fraction` of a
+    star's total (`ccd_flux_fraction`)."""
+    return float(truth_row["zp_true"]) + 2.5 * float(np.log10(flux_fraction))
+
+
+def ccd_flux_fraction(psf: PixelPsf | None, header: fits.Header, camera, detector: int,
+                      psf_field: str, seeing: float) -> float:
+    """What a CCD's fluxes (`header`: its calibrate keys) measure of a star's total flux: the
+    empirical model's PSF flux times the aperture correction applied, or the Moffat's PSF
+    flux, of the FWHM fitted (qa_psf.psf_flux_fraction). A zeropoint is right when it makes
+    point sources' magnitudes right; a Moffat 0.2% too wide (u: a visit's FWHM from a few dozen
+    stars) gives fluxes 0.2% high, and a zeropoint 2 mmag high that calibrates them right."""
+    if psf is not None:
+        return qa_psf.psf_flux_fraction(psf, camera, detector, psf_field, seeing) * float(header["APCORR"])
+    return qa_psf.psf_flux_fraction(float(header["PSF_FWHM"]) / PIXEL_SCALE, camera, detector,
+                                    psf_field, seeing)
 
 
 def ccd_qa(image_header: fits.Header, primary: fits.Header, stars: Table, truth_row,
-           truth_stars: Table, band: str, mjd: float, n: int, psf_fraction: float | None
+           truth_stars: Table, band: str, mjd: float, n: int, flux_fraction: float
            ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics of one CCD; also (true mag - m5, detected?) for the truth stars on it."""
     fitted, true_wcs = header_wcs(image_header), header_wcs(fits.Header.fromstring(truth_row["wcs"]))
@@ -192,8 +203,7 @@ def ccd_qa(image_header: fits.Header, primary: fits.Header, stars: Table, truth_
             np.column_stack([ax[on], ay[on]]))
         found = dist < 2.0
     row = {"visit": truth_row["visit"], "detector": truth_row["detector"], "band": band,
-           "zp_err_mmag": (primary["ZP"] - true_zeropoint(truth_row, psf_fraction,
-                                                          primary.get("APCORR", 1.0))) * 1000,
+           "zp_err_mmag": (primary["ZP"] - true_zeropoint(truth_row, flux_fraction)) * 1000,
            "zp_reported_mmag": primary["ZP_ERR"] * 1000,
            "wcs_sq_sum": float(sq.sum()), "wcs_n": int(sq.size),
            "wcs_rms_mas": float(np.sqrt(sq.mean())) if sq.size else np.nan,
@@ -243,12 +253,11 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
             stars = vs[vs["detector"] == detector]
             truth_row = truth_ccd[(visit, detector)]
             psf_field = str(truth_row["psf_field"]) if "psf_field" in truth_row.colnames else ""
-            if psf is not None:
-                fractions[(visit, detector)] = qa_psf.psf_flux_fraction(
-                    psf, camera, detector, psf_field, seeing[visit])
+            fractions[(visit, detector)] = ccd_flux_fraction(psf, primary, camera, detector,
+                                                             psf_field, seeing[visit])
             row, dm, found = ccd_qa(image_header, primary, stars, truth_row, truth_stars,
                                     primary["BAND"], mjd[visit], int(image_header["NAXIS1"]),
-                                    fractions.get((visit, detector)))
+                                    fractions[(visit, detector)])
             rows.append(row)
             dm_all.append(dm)
             found_all.append(found)
@@ -256,7 +265,7 @@ def step1_qa(butlers: list[Butler], collection: str, survey: Path) -> Step1QA:
                 psf_ccds.append(qa_psf.ccd_psf_qa(psf, stars, truth_stars, galaxies, camera,
                                                   detector, psf_field, seeing[visit],
                                                   primary["BAND"], mjd[visit]))
-    qa = Step1QA(n_ccd=len(rows), psf=qa_psf.band_psf_qa(psf_ccds), psf_fraction=fractions)
+    qa = Step1QA(n_ccd=len(rows), psf=qa_psf.band_psf_qa(psf_ccds), flux_fraction=fractions)
     if not rows:
         return qa
     per = Table(rows=rows)
@@ -456,9 +465,10 @@ def _magnitude_offsets(sources: Table, zp: dict, truth_stars: Table, mjd: dict,
     return out
 
 
-def step2_qa(butler: Butler, collection: str, survey: Path, psf_fraction: dict) -> Step2QA:
+def step2_qa(butler: Butler, collection: str, survey: Path, flux_fraction: dict) -> Step2QA:
     """QA of the global calibration, at the campaign site that holds every site's stars;
-    `psf_fraction`: step 1's QA's (Step1QA.psf_fraction), for the CCDs with an empirical PSF."""
+    `flux_fraction`: step 1's QA's (Step1QA.flux_fraction), times the factor the visit summary
+    moved each CCD's fluxes by (psf_flux_scale: a Moffat's to the visit's FWHM)."""
     truth_ccd, visits, truth_stars = _truth(survey)
     mjd = {int(v["visit"]): float(v["mjd"]) for v in visits}
     qa = Step2QA()
@@ -474,9 +484,9 @@ def step2_qa(butler: Butler, collection: str, survey: Path, psf_fraction: dict) 
     zeropoints = butler.get(zps[0])
     prelim = vstack([butler.get(r) for r in prelims], metadata_conflicts="silent")
     prelim_zp = {(int(r["visit"]), int(r["detector"])): r["zero_point"] for r in prelim}
-    apcorr = {(int(r["visit"]), int(r["detector"])): float(r["ap_corr"]) for r in prelim}
-    true = np.array([true_zeropoint(truth_ccd[(int(v), int(d))], psf_fraction.get((int(v), int(d))),
-                                    apcorr[(int(v), int(d))])
+    scale = {(int(r["visit"]), int(r["detector"])): float(r["psf_flux_scale"]) for r in prelim}
+    true = np.array([true_zeropoint(truth_ccd[(int(v), int(d))],
+                                    flux_fraction[(int(v), int(d))] * scale[(int(v), int(d))])
                      for v, d in zip(zeropoints["visit"], zeropoints["detector"], strict=True)])
     per = zeropoints["visit", "detector", "band", "status"]
     per["zp_err_mmag"] = (zeropoints["zero_point"] - true) * 1000

@@ -49,20 +49,26 @@ def model_against_truth(psf: PixelPsf, x: np.ndarray, y: np.ndarray, camera: Cam
                                                          model[:, 2] - true[:, 2]])
 
 
-def psf_flux_fraction(psf: PixelPsf, camera: Camera, detector: int, psf_field: str,
+def psf_flux_fraction(psf: PixelPsf | float, camera: Camera, detector: int, psf_field: str,
                       seeing: float) -> float:
-    """What the model's PSF flux measures of a star of total flux 1: psf.psf_flux's estimator
-    (its stamp, flat weights as in the sky-limited regime) applied to the true PSF (the galsim
+    """What the PSF flux measures of a star of total flux 1: psf.psf_flux's estimator (its
+    stamp, flat weights as in the sky-limited regime) applied to the true PSF (the galsim
     sky's, pixel included; the Moffat sky's, sampled at pixel centres as drawn), averaged over
-    a 3x3 grid of the CCD. With it the true zeropoint of fluxes that are PSF-model fluxes
-    times an aperture correction A is zp_true + 2.5 log10(s A): a calibration is right when
-    its zeropoint and A together give total fluxes, whatever A's own error (the zeropoint,
-    fitted to the corrected fluxes, takes it)."""
+    a 3x3 grid of the CCD. `psf`: the CCD's empirical model, or the FWHM (pixels) of the Moffat
+    its fluxes were measured with (normalised to the untruncated profile: a FWHM 0.2% too wide
+    measures 0.2% too much). With it the true zeropoint of fluxes that are PSF fluxes times an
+    aperture correction A (1 for the Moffat's) is zp_true + 2.5 log10(s A): a calibration is
+    right when its zeropoint and A together give total fluxes, whatever A's own error (the
+    zeropoint, fitted to the corrected fluxes, takes it)."""
     n = camera.ccd_size
     grid = np.round((np.arange(3) + 0.5) * n / 3)
     x, y = (a.ravel() for a in np.meshgrid(grid, grid))
-    half = measure_half(psf.size_px)
-    model = psf.stamps(x, y, half)[3]
+    if isinstance(psf, PixelPsf):
+        half = measure_half(psf.size_px)
+        model = psf.stamps(x, y, half)[3]
+    else:
+        half = measure_half(psf)
+        model = moffat_stamps(x, y, psf, half, unit_sum=False)[3]
     if psf_field:
         field = PsfField.from_json(psf_field)
         true = np.array([field.profile(*(float(v) for v in focal_plane(camera, detector, px, py)))

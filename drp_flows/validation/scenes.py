@@ -25,8 +25,8 @@ from drp_flows.tasks.calibrate import EMPIRICAL, PSF_MODELS, calibrate
 from drp_flows.tasks.isolated_stars import unit_vectors
 from drp_flows.tasks.isr import run_isr
 from drp_flows.tasks.visit_psf import correct_fluxes
-from drp_flows.validation.qa import true_zeropoint
-from drp_flows.validation.qa_psf import BRIGHT_SNR, band_psf_qa, ccd_psf_qa, psf_flux_fraction
+from drp_flows.validation.qa import ccd_flux_fraction, true_zeropoint
+from drp_flows.validation.qa_psf import BRIGHT_SNR, band_psf_qa, ccd_psf_qa
 from drp_flows.validation.simulate import (
     EXPTIME,
     ZEROPOINT,
@@ -60,9 +60,8 @@ def calibrate_scene(cfg: SurveyConfig, visit: Visit, detector: int, stars: Table
     # the true zeropoint on the scale of the CCD's fluxes (qa.true_zeropoint)
     truth_row = {"zp_true": ZEROPOINT[visit.band] + 2.5 * np.log10(EXPTIME) - visit.extinction
                  - truth["zp_offset"]}
-    fraction = None if image.psf is None else psf_flux_fraction(
-        image.psf, cam, detector, truth.get("psf_field", ""), visit.seeing)
-    zp_true = true_zeropoint(truth_row, fraction, float(image.metadata.get("APCORR", 1.0)))
+    zp_true = true_zeropoint(truth_row, ccd_flux_fraction(image.psf, image.metadata, cam, detector,
+                                                          truth.get("psf_field", ""), visit.seeing))
     return {"image": image, "stars": found, "truth": truth,
             "band": visit.band, "detector": detector, "seeing": visit.seeing,
             "zp_mmag": (float(image.metadata["ZP"]) - zp_true) * 1e3,
