@@ -5,7 +5,8 @@ Each CCD's empirical PSF (psf_model.py) is fitted to its own stars: on a 1k CCD 
 S/N >= 50, whose noise leaves the model's size 0.2-0.5% off towards the CCD's corners, and the
 PSF fluxes with it (~1.3 mmag per 0.1%): 5-10 mmag from corner to corner. The true size
 changes smoothly over the focal plane (atmosphere, focus), so the visit's stars together fix
-it far better: a quadratic in focal-plane position, plus one offset per CCD (each CCD's mean
+it far better: a polynomial in focal-plane position of the fewest terms the stars ask for (up
+to a quadratic; none for a PSF that does not vary), plus one offset per CCD (each CCD's mean
 size is fixed well by its own stars, and the adaptive moments' bias on noisy data differs with
 the crowd). Every source's PSF flux then moves by its CCD model's size error against that
 field, times the flux's response to a size error (PSF_KSIZ), normalised to a mean of 1 over
@@ -21,7 +22,8 @@ from astropy.table import Table
 from drp_flows.tasks.camera import Camera, focal_plane
 from drp_flows.tasks.psf_model import terms
 
-FIELD_DEGREE = 2            # the size field over the focal plane: a quadratic
+FIELD_DEGREE = 2            # the size field over the focal plane: at most a quadratic
+FIELD_TERMS = (0, 2, 5)     # none, linear, quadratic: the terms of each degree
 SNR_CAP = 300.0             # a star's weight stops growing here (the moments' systematics)
 MIN_STARS = 5               # per unknown of the visit's fit, and per CCD for its offset
 MAX_CHANGE = 0.02           # a model's size error beyond this is not one (a bad CCD): no correction
@@ -74,6 +76,18 @@ def size_factors(tables: dict[int, Table], camera: Camera, response: dict[int, f
         if (new == keep).all():
             break
         keep = new
+    # the fewest field terms the stars ask for (BIC, as the CCDs' models choose theirs): a
+    # field fitted to a flat PSF's noisy sizes moved fluxes by 1-2 mmag across each CCD
+    best = None
+    for n_field in FIELD_TERMS:
+        cols = len(dets) + n_field
+        c = np.linalg.lstsq(a[keep, :cols] * np.sqrt(w[keep])[:, None],
+                            v[keep] * np.sqrt(w[keep]), rcond=None)[0]
+        chi2 = float(np.sum(((v[keep] - a[keep, :cols] @ c) * np.sqrt(w[keep]) / spread) ** 2))
+        bic = chi2 + cols * np.log(keep.sum())
+        if best is None or bic < best[0]:
+            best = (bic, np.r_[c, np.zeros(a.shape[1] - cols)])
+    coef = best[1]
     field = coef[len(dets):]
     out = dict(ones)
     for k, d in enumerate(dets):
