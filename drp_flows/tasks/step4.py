@@ -72,7 +72,9 @@ def build_template(templates: list[Exposure], sky: MiniSkymap, wcs: WCS,
     """The template on a CCD's pixel grid grown by `pad` on every side (the matching kernel's
     reach): per tract, its patches pasted into one image on the tract projection and warped
     once (no seams between patches); the first tract to cover a pixel wins. Two pixels at
-    every template edge are dropped: cubic resampling blends them with the empty side."""
+    every template edge are dropped: cubic resampling blends them with the empty side.
+    Patches are pasted in patch order, whatever order the quantum lists them in: where two
+    overlap the later one's pixels win, and they differ in the last bits."""
     header = wcs.to_header(relax=True)          # through the header: SIP keeps its own CRPIX
     header["CRPIX1"] += pad
     header["CRPIX2"] += pad
@@ -80,7 +82,8 @@ def build_template(templates: list[Exposure], sky: MiniSkymap, wcs: WCS,
     shape = (shape[0] + 2 * pad, shape[1] + 2 * pad)
     image, variance, valid = np.zeros(shape), np.zeros(shape), np.zeros(shape, bool)
     for tract in sorted({int(t.metadata["TRACT"]) for t in templates}):
-        patches = [t for t in templates if int(t.metadata["TRACT"]) == tract]
+        patches = sorted((t for t in templates if int(t.metadata["TRACT"]) == tract),
+                         key=lambda t: int(t.metadata["PATCH"]))
         boxes = [sky.patch_bbox(int(t.metadata["PATCH"])) for t in patches]
         x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
         x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
