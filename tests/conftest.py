@@ -308,8 +308,8 @@ def registered(site_file: str, campaign: str, dataset_type: str = "preliminary_v
                ) if collections else 0
 
 
-def table_differences(key, a, b) -> list[str]:
-    """Where two tables differ: row counts, floats beyond 1e-9 of the value or of the
+def table_differences(key, a, b, precision: float = 1e-9) -> list[str]:
+    """Where two tables differ: row counts, floats beyond `precision` of the value or of the
     column's largest value, anything else. The column's scale, because a value that is a
     small difference of large ones (a DIA flux on a star, a chi2 probability in the tail)
     carries the rounding of its terms: seen once in CI, the shared campaign's DIA fluxes
@@ -322,7 +322,7 @@ def table_differences(key, a, b) -> list[str]:
         x, y = np.asarray(a[col]), np.asarray(b[col])
         if x.dtype.kind == "f":
             scale = np.nanmax(np.abs(x), initial=0.0)
-            if not np.allclose(x, y, rtol=1e-9, atol=1e-9 * scale, equal_nan=True):
+            if not np.allclose(x, y, rtol=precision, atol=precision * scale, equal_nan=True):
                 out.append(f"{key} {col}: largest difference {np.nanmax(np.abs(x - y)):.3g}")
         elif not np.array_equal(x, y):
             out.append(f"{key} {col}: {np.sum(x != y)} values differ")
