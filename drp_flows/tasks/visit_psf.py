@@ -23,7 +23,6 @@ from drp_flows.tasks.camera import Camera, focal_plane
 from drp_flows.tasks.psf_model import terms
 
 FIELD_DEGREE = 2            # the size field over the focal plane: at most a quadratic
-FIELD_TERMS = (0, 2, 5)     # none, linear, quadratic: the terms of each degree
 SNR_CAP = 300.0             # a star's weight stops growing here (the moments' systematics)
 MIN_STARS = 5               # per unknown of the visit's fit, and per CCD for its offset
 MAX_CHANGE = 0.02           # a model's size error beyond this is not one (a bad CCD): no correction
@@ -79,7 +78,8 @@ def size_factors(tables: dict[int, Table], camera: Camera, response: dict[int, f
     # the fewest field terms the stars ask for (BIC, as the CCDs' models choose theirs): a
     # field fitted to a flat PSF's noisy sizes moved fluxes by 1-2 mmag across each CCD
     best = None
-    for n_field in FIELD_TERMS:
+    for degree in range(FIELD_DEGREE + 1):        # field_terms' columns come by degree
+        n_field = (degree + 1) * (degree + 2) // 2 - 1
         cols = len(dets) + n_field
         c = np.linalg.lstsq(a[keep, :cols] * np.sqrt(w[keep])[:, None],
                             v[keep] * np.sqrt(w[keep]), rcond=None)[0]
